@@ -1,0 +1,21 @@
+"""Agents as actors: the AgentProcess, the process host that runs them, and model adapters."""
+
+from agentlibos.actors._host import ProcessHost
+from agentlibos.actors._messages import Input, ProcessSpec, Stop
+from agentlibos.actors._process import AgentProcess, ToolObserver
+from agentlibos.actors._scripted import END_TURN, ModelTurn, ScriptedModel
+from agentlibos.actors._tools import syscall_for, tool_definitions
+
+__all__ = [
+    "AgentProcess",
+    "END_TURN",
+    "Input",
+    "ModelTurn",
+    "ProcessHost",
+    "ProcessSpec",
+    "ScriptedModel",
+    "Stop",
+    "ToolObserver",
+    "syscall_for",
+    "tool_definitions",
+]

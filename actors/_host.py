@@ -1,0 +1,133 @@
+"""The process host: starts, feeds and stops AgentProcess actors when the kernel says so.
+
+It holds no authority: it only runs what the kernel decided, connected as role `host`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import pykka
+import zmq
+
+from agentlibos.actors._messages import Input, ProcessSpec, Stop
+from agentlibos.actors._process import AgentProcess, ToolObserver
+from agentlibos.bus import Command, Hello, ProtocolError, Reply, decode
+
+log = logging.getLogger("agentlibos.host")
+
+
+class ProcessHost:
+    def __init__(
+        self,
+        context: zmq.Context[Any],
+        endpoint: str,
+        host_token: str,
+        *,
+        observer: ToolObserver | None = None,
+    ) -> None:
+        self._ctx = context
+        self._endpoint = endpoint
+        self._token = host_token
+        self.observer = observer
+        self.actors: dict[int, pykka.ActorRef[AgentProcess]] = {}
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        self._stopping = threading.Event()
+        self._error: str | None = None
+        self._thread = threading.Thread(target=self._run, name="agentlibos-host", daemon=True)
+        self._control = f"inproc://agentlibos-host-{id(self)}"
+
+    def start(self) -> None:
+        self._thread.start()
+        if not self._ready.wait(10) or self._error:
+            raise RuntimeError(f"process host could not attach to the kernel: {self._error or 'timeout'}")
+
+    def stop(self) -> None:
+        self._stopping.set()
+        ctl = self._ctx.socket(zmq.PAIR)
+        ctl.setsockopt(zmq.LINGER, 0)
+        ctl.connect(self._control)
+        ctl.send(b"stop")
+        self._thread.join(10)
+        ctl.close(0)
+        with self._lock:
+            refs = list(self.actors.values())
+            self.actors.clear()
+        for ref in refs:
+            try:
+                ref.stop(block=False)
+            except pykka.ActorDeadError:
+                pass
+
+    def _run(self) -> None:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        ctl = self._ctx.socket(zmq.PAIR)
+        ctl.setsockopt(zmq.LINGER, 0)
+        ctl.bind(self._control)
+        try:
+            sock.connect(self._endpoint)
+            sock.send(Hello(id=1, token=self._token, role="host").encode())
+            if not sock.poll(10_000):
+                self._error = "no answer to hello"
+                self._ready.set()
+                return
+            reply = decode(sock.recv())
+            if not isinstance(reply, Reply) or not reply.ok:
+                self._error = f"hello refused: {getattr(reply, 'error', reply)}"
+                self._ready.set()
+                return
+            self._ready.set()
+            poller = zmq.Poller()
+            poller.register(sock, zmq.POLLIN)
+            poller.register(ctl, zmq.POLLIN)
+            while not self._stopping.is_set():
+                events = dict(poller.poll())
+                if ctl in events:
+                    return
+                if sock in events:
+                    try:
+                        msg = decode(sock.recv())
+                    except ProtocolError as exc:
+                        log.error("host: unreadable frame from the kernel: %s", exc)
+                        continue
+                    if isinstance(msg, Command):
+                        self._command(msg)
+        finally:
+            sock.close(0)
+            ctl.close(0)
+
+    def _command(self, cmd: Command) -> None:
+        if cmd.op == "start":
+            b = cmd.body
+            spec = ProcessSpec(
+                pid=cmd.pid, ppid=b.get("ppid"), token=b["token"], image=b.get("image", ""), model=b.get("model", ""),
+                prompt=b.get("prompt", ""), tools=tuple(b.get("tools") or ()), input=b.get("input"),
+                daemon=bool(b.get("daemon")),
+            )
+            ref = AgentProcess.start(spec, self._endpoint, self._ctx, observer=self.observer, on_exit=self._gone)
+            with self._lock:
+                self.actors[cmd.pid] = ref
+        elif cmd.op == "deliver":
+            self._tell(cmd.pid, Input(cmd.body.get("input")))
+        elif cmd.op == "stop":
+            self._tell(cmd.pid, Stop())
+        else:
+            log.error("host: unknown command %r", cmd.op)
+
+    def _tell(self, pid: int, msg: Any) -> None:
+        with self._lock:
+            ref = self.actors.get(pid)
+        if ref is None:
+            return
+        try:
+            ref.tell(msg)
+        except pykka.ActorDeadError:
+            pass
+
+    def _gone(self, pid: int) -> None:
+        with self._lock:
+            self.actors.pop(pid, None)

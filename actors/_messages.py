@@ -1,0 +1,35 @@
+"""Messages an AgentProcess actor receives: immutable, the actor's public surface."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Input:
+    """A message for the agent: starts a turn."""
+
+    content: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    """The kernel ended the process (killed); drop everything."""
+
+    reason: str = "killed"
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessSpec:
+    """What the host needs to start a process the kernel has decided to start."""
+
+    pid: int
+    ppid: int | None
+    token: str
+    image: str
+    model: str
+    prompt: str
+    tools: tuple[str, ...]
+    input: Any = None
+    daemon: bool = False

@@ -1,0 +1,100 @@
+"""ScriptedModel: a model that plays a fixed script of tool calls, one step per turn.
+
+Scenarios and tests drive agents with it; it fits the same backend interface as a real model
+(`complete(request)` -> turn with `to_value()`), so the kernel mediates it exactly like one.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class ModelTurn:
+    content: list[dict[str, Any]]
+    stop_reason: str
+    usage: dict[str, int] = field(default_factory=lambda: {"input_tokens": 0, "output_tokens": 0})
+    model: str = "scripted"
+    final: bool = False
+
+    def to_value(self) -> dict[str, Any]:
+        return {"content": self.content, "stop_reason": self.stop_reason, "usage": dict(self.usage),
+                "model": self.model, "final": self.final}
+
+
+END_TURN = ModelTurn(content=[{"type": "text", "text": ""}], stop_reason="end_turn", final=True)
+
+
+@dataclass(slots=True)
+class _Cursor:
+    script: str | None
+    index: int = 0
+    explicit_call_pending: bool = False
+
+
+class ScriptedModel:
+    """Plays `scripts[name]` for each process; a process plays the script named after its image
+    unless `assign(pid, name)` chose another. Steps are `{tool, args, cap?, ...}` or `{operator: ...}`.
+    """
+
+    def __init__(
+        self,
+        scripts: Mapping[str, Sequence[Mapping[str, Any]]],
+        *,
+        on_step: Callable[[int, str, int, Mapping[str, Any]], None] | None = None,
+        on_operator: Callable[[int, str, int, Mapping[str, Any]], None] | None = None,
+        substitute: Callable[[Any], Any] | None = None,
+    ) -> None:
+        self.scripts = {k: list(v) for k, v in scripts.items()}
+        self._on_step = on_step
+        self._on_operator = on_operator
+        self._substitute = substitute or (lambda a: a)
+        self._cursors: dict[int, _Cursor] = {}
+        self._assigned: dict[int, str | None] = {}
+        self._lock = threading.Lock()
+
+    def assign(self, pid: int, script: str | None) -> None:
+        with self._lock:
+            self._assigned[pid] = script
+
+    def position(self, pid: int) -> tuple[str | None, int] | None:
+        with self._lock:
+            c = self._cursors.get(pid)
+            return None if c is None else (c.script, c.index)
+
+    def complete(self, request: Any) -> ModelTurn:
+        pid, image = request.pid, request.image
+        with self._lock:
+            cur = self._cursors.get(pid)
+            if cur is None:
+                name = self._assigned.pop(pid, image)
+                cur = self._cursors[pid] = _Cursor(name if name in self.scripts else None)
+            if cur.explicit_call_pending:
+                cur.explicit_call_pending = False
+                return ModelTurn(content=[{"type": "text", "text": ""}], stop_reason="end_turn")
+        steps = self.scripts.get(cur.script, []) if cur.script else []
+        while cur.index < len(steps) and "operator" in steps[cur.index]:
+            idx = cur.index
+            cur.index += 1
+            if self._on_operator is not None:
+                self._on_operator(pid, cur.script or "", idx, steps[idx])
+        if cur.index >= len(steps):
+            return END_TURN
+        idx = cur.index
+        step = steps[idx]
+        cur.index += 1
+        args = self._substitute(dict(step.get("args") or {}))
+        if step.get("cap") is not None:
+            args["cap"] = step["cap"]
+        if step.get("tool") == "llm_complete":
+            cur.explicit_call_pending = True
+        if self._on_step is not None:
+            self._on_step(pid, cur.script or "", idx, step)
+        return ModelTurn(
+            content=[{"type": "tool_use", "id": f"toolu_{pid}_{idx}", "name": step["tool"], "input": args}],
+            stop_reason="tool_use",
+            final=cur.index >= len(steps),
+        )

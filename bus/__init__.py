@@ -1,0 +1,66 @@
+"""The bus: msgpack envelope, ZeroMQ sockets, topics, and the KernelClient of the Python API."""
+
+from agentlibos.bus._client import EventStream, KernelClient
+from agentlibos.bus._envelope import (
+    MAX_FRAME_BYTES,
+    WIRE_VERSION,
+    Command,
+    Hello,
+    Message,
+    Reply,
+    Request,
+    decode,
+    pack,
+    unpack,
+)
+from agentlibos.bus._errors import (
+    DENIAL_CODES,
+    ERROR_CODES,
+    AgentLibOSError,
+    BusError,
+    KernelError,
+    LogCorruptError,
+    LogWriteError,
+    NondeterminismError,
+    ProtocolError,
+    ReplayError,
+    ScenarioError,
+    StorageError,
+)
+from agentlibos.bus._sockets import Batch, BusServer, Publisher, ReplySender, ipc_dir
+from agentlibos.bus._topics import Topic, decode_event, encode_event
+
+__all__ = [
+    "AgentLibOSError",
+    "Batch",
+    "BusError",
+    "BusServer",
+    "Command",
+    "DENIAL_CODES",
+    "ERROR_CODES",
+    "EventStream",
+    "Hello",
+    "KernelClient",
+    "KernelError",
+    "LogCorruptError",
+    "LogWriteError",
+    "MAX_FRAME_BYTES",
+    "Message",
+    "NondeterminismError",
+    "ProtocolError",
+    "Publisher",
+    "ReplayError",
+    "Reply",
+    "ReplySender",
+    "Request",
+    "ScenarioError",
+    "StorageError",
+    "Topic",
+    "WIRE_VERSION",
+    "decode",
+    "decode_event",
+    "encode_event",
+    "ipc_dir",
+    "pack",
+    "unpack",
+]

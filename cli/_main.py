@@ -1,0 +1,326 @@
+"""The `agentlibos` command: parses arguments and calls the packages; no logic of its own."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from agentlibos.bus import ScenarioError, StorageError
+from agentlibos.harness import SYSTEMS, RunResult, load_scenario, report, run_bench, run_libos, scenario_paths, summarize
+from agentlibos.storage import LogEntry, SQLiteLog
+
+DEFAULT_STATE = ".agentlibos"
+console = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+state_option = click.option(
+    "--state", "state", default=DEFAULT_STATE, show_default=True, type=click.Path(file_okay=False),
+    help="State directory holding the log (log.db).",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """agent-libos: run LLM agents as processes whose every effect is a capability-checked,
+    logged syscall.
+
+    \b
+    Start here:
+      agentlibos run scenarios/quickstart.yaml     run a scenario and print its trace
+      agentlibos log verify                        check the log's hash chain
+      agentlibos explain SEQ                       why was this allowed or denied?
+      agentlibos bench safety --scenarios scenarios
+    """
+
+
+# --- run ---------------------------------------------------------------------------------------
+
+
+def _fmt_args(args: Any, limit: int = 48) -> str:
+    text = json.dumps(args, ensure_ascii=False, default=str)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@state_option
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the run as JSON to this file.")
+def run(file: str, state: str, json_out: str | None) -> None:
+    """Run one scenario FILE on the embedded runtime and print its trace.
+
+    Each step shows the tool call, the kernel's decision, the capability handle that decided
+    it, and the result. The log stays in --state: inspect it with `agentlibos log show` and
+    `agentlibos explain SEQ`. Exit status: 0 completed, 1 not completed, 2 the file could not be
+    loaded.
+    """
+    try:
+        scenario = load_scenario(file)
+    except ScenarioError as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}")
+        sys.exit(2)
+    Path(state).mkdir(parents=True, exist_ok=True)
+    console.print(f"[bold]{escape(scenario.id)}[/bold]: {escape(scenario.title)}")
+    started = time.monotonic()
+    result = run_libos(scenario, keep_state=str(Path(state) / "runs" / f"{scenario.id}-{int(time.time())}"))
+    steps_by_key = {(s.process, s.index): s for s in result.steps}
+    table = Table(show_lines=False)
+    for col in ("seq", "process", "step", "tool call", "expect", "decision", "cap", "result", ""):
+        table.add_column(col)
+    for s in result.steps:
+        step_src = (scenario.script[s.index].raw if s.process == "root" and s.index < len(scenario.script)
+                    else scenario.images.get(s.process, {}).get("script", [{}] * (s.index + 1))[s.index])
+        decision = {"allowed": "[green]allow[/green]", "denied": "[red]deny[/red]", "failed": "[yellow]allow[/yellow]",
+                    "not_reached": "[dim]-[/dim]"}[s.outcome]
+        res = "ok" if s.outcome == "allowed" else (s.code or s.outcome)
+        if s.message:
+            res += f": {s.message}"
+        table.add_row(str(s.seq or ""), escape(s.process), str(s.index),
+                      escape(f"{s.tool} {_fmt_args(step_src.get('args', {}))}"), s.expect or "", decision,
+                      escape(s.cap or ""), escape(res[:70]), "[green]✓[/green]" if s.ok else "[red]✗[/red]")
+    del steps_by_key
+    console.print(table)
+    for name, ok, why in result.checks:
+        console.print(f"  check {escape(name)}: {'[green]holds[/green]' if ok else '[red]fails[/red] (' + escape(why) + ')'}")
+    for leak in result.leaks:
+        console.print(f"  [red]leak:[/red] {escape(leak)}")
+    if result.error:
+        console.print(f"  [red]error:[/red] {escape(result.error)}")
+    verdict = "[green]completed[/green]" if result.completed else "[red]not completed[/red]"
+    console.print(f"{verdict}; unauthorized side effects: {result.unauthorized}; false denials: "
+                  f"{result.false_denials}; {time.monotonic() - started:.2f} s; log: {escape(state)}/runs/")
+    if json_out:
+        Path(json_out).write_text(json.dumps(report([result]), indent=2))
+    sys.exit(0 if result.completed else 1)
+
+
+# --- log ---------------------------------------------------------------------------------------
+
+
+def _latest_log(state: str) -> Path:
+    """The log in STATE itself, or the newest run's log under STATE/runs/."""
+    base = Path(state)
+    if (base / "log.db").exists():
+        return base / "log.db"
+    runs = sorted((base / "runs").glob("*/log.db"), key=lambda p: p.stat().st_mtime) if (base / "runs").exists() else []
+    if not runs:
+        err.print(f"[red]error:[/red] no log under {escape(state)} (run a scenario first, or pass --state DIR)")
+        sys.exit(2)
+    return runs[-1]
+
+
+def _open_log(state: str) -> SQLiteLog:
+    try:
+        return SQLiteLog.open_readonly(_latest_log(state))
+    except StorageError as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}")
+        sys.exit(2)
+
+
+def _summary(e: LogEntry) -> str:
+    b = e.body
+    if e.kind == "sys":
+        s = f"{b.get('sys')} -> {b.get('decision')}"
+        if b.get("handle"):
+            s += f" by {b['handle']}"
+        if b.get("code"):
+            s += f" {b['code']}: {b.get('message', '')}"
+        if b.get("detail"):
+            s += f" {json.dumps(b['detail'], default=str)}"
+        return s
+    if e.kind == "result":
+        return f"{b.get('sys')} {'ok' if b.get('ok') else b.get('code', '') + ' ' + b.get('message', '')}"
+    return json.dumps(b, default=str, ensure_ascii=False)
+
+
+def _entries_table(entries: list[LogEntry]) -> Table:
+    t = Table()
+    for col in ("seq", "time", "pid", "kind", "cause", "what"):
+        t.add_column(col)
+    for e in entries:
+        t.add_row(str(e.seq), time.strftime("%H:%M:%S", time.localtime(e.ts)), str(e.pid or ""), e.kind,
+                  str(e.cause or ""), escape(_summary(e)[:120]))
+    return t
+
+
+@main.group("log")
+def log_group() -> None:
+    """Read and verify the append-only, hash-chained log."""
+
+
+@log_group.command("show")
+@state_option
+@click.option("--from", "start", default=1, show_default=True, help="First seq to show.")
+@click.option("--limit", default=200, show_default=True, help="At most this many entries.")
+@click.option("--pid", type=int, help="Only entries of this process.")
+@click.option("--kind", "kinds", multiple=True, help="Only these kinds (sys, result, proc.state, cap.create, ...).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line instead of a table.")
+def log_show(state: str, start: int, limit: int, pid: int | None, kinds: tuple[str, ...], as_json: bool) -> None:
+    """Show log entries in order."""
+    with _open_log(state) as log:
+        entries = []
+        for e in log.entries(start, kinds=list(kinds) or None, pid=pid):
+            entries.append(e)
+            if len(entries) >= limit:
+                break
+    if as_json:
+        for e in entries:
+            click.echo(json.dumps({"seq": e.seq, "ts": e.ts, "pid": e.pid, "kind": e.kind, "cause": e.cause,
+                                   "body": e.body, "payload_digest": e.payload_digest, "hash": e.hash.hex()},
+                                  default=str))
+        return
+    console.print(_entries_table(entries))
+
+
+@log_group.command("tail")
+@state_option
+@click.option("-n", "count", default=20, show_default=True, help="How many of the newest entries.")
+def log_tail(state: str, count: int) -> None:
+    """Show the newest entries."""
+    with _open_log(state) as log:
+        head, _ = log.head()
+        entries = list(log.entries(max(1, head - count + 1)))
+    console.print(_entries_table(entries))
+
+
+@log_group.command("verify")
+@state_option
+def log_verify(state: str) -> None:
+    """Check the hash chain: any edit, deletion, reordering or truncation is found.
+
+    Exit status 0 when the log verifies, 1 when it does not (the first bad seq is printed).
+    """
+    path = _latest_log(state)
+    with _open_log(state) as log:
+        rep = log.verify()
+    if rep.ok:
+        console.print(f"[green]ok[/green]: {rep.checked} entries verify ({escape(str(path))})")
+        return
+    console.print(f"[red]corrupt[/red] at seq {rep.first_bad_seq}: {escape(rep.reason or '')} ({escape(str(path))})")
+    sys.exit(1)
+
+
+# --- explain -----------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("seq", type=int)
+@state_option
+def explain(seq: int, state: str) -> None:
+    """Why was log entry SEQ allowed or denied?
+
+    Prints the causal chain (model turn -> tool call -> syscall -> decision -> result) and the
+    capability's derivation back to the operator's grant.
+    """
+    with _open_log(state) as log:
+        entry = log.get(seq)
+        if entry is None:
+            err.print(f"[red]error:[/red] no entry {seq} in the log")
+            sys.exit(2)
+        chain = [entry]
+        while chain[-1].cause is not None and len(chain) < 64:
+            nxt = log.get(chain[-1].cause)
+            if nxt is None:
+                break
+            chain.append(nxt)
+        console.print("[bold]causal chain[/bold] (newest first)")
+        console.print(_entries_table(chain))
+        decision = next((e for e in chain if e.kind == "sys"), None)
+        if decision is None:
+            console.print("no decision in this chain")
+            return
+        cap_id = decision.body.get("cap")
+        verdict = decision.body.get("decision")
+        console.print(f"decision at seq {decision.seq}: [bold]{verdict}[/bold] {escape(str(decision.body.get('sys')))}"
+                      + (f" ({decision.body.get('code')}: {escape(decision.body.get('message', ''))})" if verdict != "allow" else ""))
+        if cap_id is None:
+            console.print("no capability was involved (the call needs none, or none was found)")
+            return
+        caps = {row["cap"]: row for row in log.projection("capabilities")}
+        t = Table(title="capability derivation (used -> operator grant)")
+        for col in ("cap", "created seq", "holder", "handle", "via", "kind", "scope", "rights", "state"):
+            t.add_column(col)
+        cur = cap_id
+        while cur is not None and cur in caps:
+            row = caps[cur]
+            st = "revoked" if row.get("revoked") else ("dropped" if row.get("dropped") else "live")
+            t.add_row(str(cur), str(row.get("created_seq")), str(row.get("holder")), escape(str(row.get("handle"))),
+                      escape(str(row.get("via"))), escape(str(row.get("kind"))), escape(str(row.get("scope"))),
+                      escape(str(row.get("rights"))), st)
+            cur = row.get("parent")
+        console.print(t)
+
+
+# --- bench -------------------------------------------------------------------------------------
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks."""
+
+
+@bench.command("safety")
+@click.option("--scenarios", "scenarios_dir", default="scenarios", show_default=True,
+              type=click.Path(exists=True), help="A scenario file or a directory searched for *.yaml.")
+@click.option("--systems", default="libos", show_default=True,
+              help=f"Comma-separated systems to compare (available: {', '.join(SYSTEMS)}).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the report (format 1) here.")
+@click.option("-v", "--verbose", is_flag=True, help="List every failed step.")
+def bench_safety(scenarios_dir: str, systems: str, json_out: str | None, verbose: bool) -> None:
+    """Run every scenario on each system and compare safety and utility.
+
+    Exit status 1 if `libos` has any unauthorized side effect.
+    """
+    names = [s.strip() for s in systems.split(",") if s.strip()]
+    unknown = [n for n in names if n not in SYSTEMS]
+    if unknown:
+        err.print(f"[red]error:[/red] unknown system {unknown[0]!r}; available: {', '.join(SYSTEMS)}")
+        sys.exit(2)
+    paths = scenario_paths(scenarios_dir)
+    if not paths:
+        err.print(f"[red]error:[/red] no scenario files under {escape(scenarios_dir)}")
+        sys.exit(2)
+    failures: list[RunResult] = []
+
+    from rich.progress import Progress
+
+    with Progress(console=err, transient=True) as progress:
+        task = progress.add_task("scenarios", total=len(paths) * len(names))
+
+        def tick(sid: str, system: str, r: RunResult) -> None:
+            progress.update(task, advance=1, description=f"{system}: {sid}")
+            if not r.completed:
+                failures.append(r)
+
+        runs = run_bench(paths, names, progress=tick)
+    table = Table(title=f"runtime safety, {len(paths)} scenarios")
+    for col in ("system", "completed", "unauthorized effects", "false denials", "allowed steps", "denied steps",
+                "approvals", "time"):
+        table.add_column(col, justify="right" if col != "system" else "left")
+    for name, s in summarize(runs).items():
+        table.add_row(name, f"{s.completed}/{s.scenarios}", str(s.unauthorized),
+                      f"{s.false_denials} ({100 * s.false_denial_rate:.1f}%)", str(s.allowed_steps),
+                      str(s.denied_steps), str(s.approvals), f"{s.wall_s:.1f} s")
+    console.print(table)
+    for r in failures:
+        console.print(f"[red]not completed[/red] {r.system}/{escape(r.scenario)}: {escape(r.error or '')}")
+        if verbose:
+            for s in r.steps:
+                if not s.ok:
+                    console.print(f"    {escape(s.process)} step {s.index} {s.tool}: expected {s.expect}, "
+                                  f"got {s.outcome} {s.code or ''} {escape(s.message)} {s.changes}")
+            for name, ok, why in r.checks:
+                if not ok:
+                    console.print(f"    check {escape(name)} fails: {escape(why)}")
+    if json_out:
+        Path(json_out).write_text(json.dumps(report(runs), indent=2))
+        console.print(f"report written to {escape(json_out)}")
+    libos = summarize(runs).get("libos")
+    sys.exit(1 if libos is not None and libos.unauthorized else 0)

@@ -1,0 +1,36 @@
+"""The kernel: the Kernel actor, capabilities, the syscall table, budgets and effect providers."""
+
+from agentlibos.kernel._budget import DIMENSIONS, BudgetNode, BudgetTree, parse_budget
+from agentlibos.kernel._caps import KIND_RIGHTS, KINDS, CapRecord, CapTable, Narrow, scope_within, validate_scope
+from agentlibos.kernel._config import KernelConfig
+from agentlibos.kernel._kernel import EffectDone, Inbound, Inspect, Kernel
+from agentlibos.kernel._models import Completion, CompletionRequest, ModelBackend
+from agentlibos.kernel._table import ADDITIONS, NOT_YET, SYSCALLS, ArgSpec, SyscallSpec, tool_name
+
+__all__ = [
+    "ADDITIONS",
+    "ArgSpec",
+    "BudgetNode",
+    "BudgetTree",
+    "CapRecord",
+    "CapTable",
+    "Completion",
+    "CompletionRequest",
+    "DIMENSIONS",
+    "EffectDone",
+    "Inbound",
+    "Inspect",
+    "KINDS",
+    "KIND_RIGHTS",
+    "Kernel",
+    "KernelConfig",
+    "ModelBackend",
+    "NOT_YET",
+    "Narrow",
+    "SYSCALLS",
+    "SyscallSpec",
+    "parse_budget",
+    "scope_within",
+    "tool_name",
+    "validate_scope",
+]

@@ -1,0 +1,1087 @@
+"""The Kernel actor: decides every syscall against capabilities and budgets, logs the decision
+durably before the effect runs, runs effects off its own thread, and replies after commit.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import pykka
+import zmq
+
+from agentlibos.bus import (
+    Batch,
+    BusServer,
+    Command,
+    Hello,
+    KernelError,
+    LogWriteError,
+    Publisher,
+    Reply,
+    Request,
+    Topic,
+)
+from agentlibos.kernel import _fsops, _shell
+from agentlibos.kernel._budget import BudgetTree, parse_budget
+from agentlibos.kernel._caps import KINDS, CapRecord, CapTable, Narrow
+from agentlibos.kernel._config import KernelConfig
+from agentlibos.kernel._globs import PathSet, compile_glob
+from agentlibos.kernel._models import CompletionRequest, ModelBackend
+from agentlibos.kernel._paths import Root, resolve, split_path, strip_root
+from agentlibos.kernel._table import NOT_YET, SYSCALLS, SyscallSpec
+from agentlibos.storage import LogBackend
+
+log = logging.getLogger("agentlibos.kernel")
+
+LIVE = ("embryo", "ready", "running", "blocked", "suspended")
+OPERATOR = 0  # the author recorded for operator requests
+
+
+# --- messages the Kernel actor receives (immutable; the bus thread and workers send them) ------
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    batch: Batch
+
+
+@dataclass(frozen=True, slots=True)
+class EffectDone:
+    ticket: int
+    value: Any = None
+    error: KernelError | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TimerFired:
+    key: int
+
+
+@dataclass(frozen=True, slots=True)
+class Inspect:
+    """Run a read-only function on the kernel thread (tests and the runtime use it)."""
+
+    fn: Callable[[Kernel], Any]
+
+
+# --- kernel-side state -------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Proc:
+    pid: int
+    ppid: int | None
+    image: str
+    model: str
+    token: str
+    daemon: bool
+    state: str = "embryo"
+    conn: bytes | None = None
+    children: set[int] = field(default_factory=set)
+    status: str | None = None
+    result: Any = None
+    input: Any = None
+
+
+@dataclass(slots=True)
+class Caller:
+    role: str
+    pid: int
+
+
+@dataclass(slots=True)
+class Pending:
+    """A request whose reply waits for its effect (or its condition) and the next commit."""
+
+    conn: bytes
+    rid: int
+    pid: int
+    sys: str
+    decision_seq: int
+    charge_after: Callable[[Any], None] | None = None
+
+
+@dataclass(slots=True)
+class Waiter:
+    conn: bytes
+    rid: int
+    pid: int
+    timer: threading.Timer | None = None
+
+
+def _now() -> float:
+    return time.time()
+
+
+class Kernel(pykka.ThreadingActor):
+    """One per host. Everything it does happens on its own thread, one message at a time."""
+
+    use_daemon_thread = True
+
+    def __init__(
+        self,
+        config: KernelConfig,
+        log_backend: LogBackend,
+        context: zmq.Context[Any],
+        bus: BusServer,
+        event_endpoints: list[str],
+        models: dict[str, ModelBackend] | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.log = log_backend
+        self._ctx = context
+        self._bus = bus
+        self._event_endpoints = event_endpoints
+        self.models: dict[str, ModelBackend] = dict(models or {})
+        self.caps = CapTable()
+        self.budgets = BudgetTree()
+        self.procs: dict[int, Proc] = {}
+        self.images: dict[str, dict[str, Any]] = {}
+        self.memory: dict[str, dict[str, Any]] = {}
+        self._conns: dict[bytes, Caller] = {}
+        self._tokens: dict[str, int] = {}
+        self._host_conn: bytes | None = None
+        self._host_backlog: list[Command] = []
+        self._next_pid = 1
+        self._tickets = 0
+        self._pending: dict[int, Pending] = {}
+        self._waiters: dict[int, list[Waiter]] = {}
+        self._timers: dict[int, tuple[int, Waiter]] = {}
+        # Work held back until the staged log entries are durable.
+        self._out_replies: list[tuple[bytes, bytes]] = []
+        self._out_effects: list[tuple[int, Callable[[], Any]]] = []
+        self._out_events: list[tuple[Topic, dict[str, Any]]] = []
+        self._out_commands: list[Command] = []
+        self.failed: str | None = None
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=config.effect_workers, thread_name_prefix="agentlibos-effect"
+        )
+
+    # --- actor lifecycle -----------------------------------------------------------------------
+    def on_start(self) -> None:
+        self._sender = self._bus.sender()
+        self._pub = Publisher(self._ctx, self._event_endpoints)
+        self._recover()
+        self._stage("kernel.start", {"pid": os.getpid(), "world_root": str(self.config.world_root)})
+        self._flush()
+
+    def on_stop(self) -> None:
+        for _, w in list(self._timers.values()):
+            if w.timer:
+                w.timer.cancel()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        try:
+            self._flush()
+        finally:
+            self._sender.close()
+            self._pub.close()
+
+    def on_failure(self, *args: Any) -> None:  # pragma: no cover - on_receive never raises
+        log.error("kernel actor failure: %r", args)
+
+    def _recover(self) -> None:
+        """Continue numbering after what the log holds; earlier runs' live processes are interrupted."""
+        max_pid = 0
+        for row in self.log_projection("processes"):
+            max_pid = max(max_pid, int(row["pid"]))
+            if row.get("state") in LIVE:
+                self._stage("proc.state", {"pid": row["pid"], "state": "exited", "status": "interrupted"})
+        self._next_pid = max_pid + 1
+        max_cap = 0
+        for row in self.log_projection("capabilities"):
+            max_cap = max(max_cap, int(row["cap"]))
+        self.caps._next_id = max_cap + 1
+
+    def log_projection(self, name: str) -> list[dict[str, Any]]:
+        try:
+            return list(self.log.projection(name))
+        except Exception:  # a log without projections (fresh) has nothing to recover
+            return []
+
+    def on_receive(self, message: Any) -> Any:
+        try:
+            if isinstance(message, Inbound):
+                for conn, msg in message.batch:
+                    self._handle(conn, msg)
+            elif isinstance(message, EffectDone):
+                self._effect_done(message)
+            elif isinstance(message, TimerFired):
+                self._timer_fired(message.key)
+            elif isinstance(message, Inspect):
+                return message.fn(self)
+        except Exception:  # the kernel keeps serving whatever one message did
+            log.exception("kernel: unexpected error handling %r", type(message).__name__)
+        finally:
+            if self.actor_inbox.empty():
+                self._flush()
+        return None
+
+    # --- log, replies, group commit ------------------------------------------------------------
+    def _stage(self, kind: str, body: dict[str, Any], *, pid: int | None = None, cause: int | None = None,
+               payload: Any = None, has_payload: bool = False) -> int:
+        if self.failed:
+            raise LogWriteError(self.failed)
+        if has_payload:
+            entry = self.log.stage(kind, body, pid=pid, cause=cause, payload=payload)
+        else:
+            entry = self.log.stage(kind, body, pid=pid, cause=cause)
+        return entry.seq
+
+    def _flush(self) -> None:
+        if not self.failed:
+            try:
+                self.log.flush()
+            except LogWriteError as exc:
+                self.failed = f"the log cannot be written ({exc}); the kernel accepts no more syscalls"
+                log.error(self.failed)
+            except Exception as exc:
+                self.failed = f"the log cannot be written ({exc!r}); the kernel accepts no more syscalls"
+                log.error(self.failed)
+        replies, self._out_replies = self._out_replies, []
+        effects, self._out_effects = self._out_effects, []
+        events, self._out_events = self._out_events, []
+        commands, self._out_commands = self._out_commands, []
+        if self.failed:
+            # Nothing staged is durable: nothing may be acknowledged or run.
+            for conn, payload in replies:
+                rid = msgpack.unpackb(payload).get("id", 0)
+                self._sender.send(conn, Reply.failure(rid, "EIO", self.failed).encode())
+            for ticket, _ in effects:
+                p = self._pending.pop(ticket, None)
+                if p is not None:
+                    self._sender.send(p.conn, Reply.failure(p.rid, "EIO", self.failed).encode())
+            return
+        for conn, payload in replies:
+            self._sender.send(conn, payload)
+        for ticket, fn in effects:
+            self._executor.submit(self._run_effect, ticket, fn)
+        for topic, body in events:
+            self._pub.publish(topic, body)
+        for cmd in commands:
+            self._send_command(cmd)
+
+    def _reply(self, conn: bytes, reply: Reply) -> None:
+        self._out_replies.append((conn, reply.encode()))
+
+    def _event(self, topic: Topic, body: dict[str, Any]) -> None:
+        self._out_events.append((topic, body))
+
+    def _run_effect(self, ticket: int, fn: Callable[[], Any]) -> None:
+        try:
+            msg = EffectDone(ticket, value=fn())
+        except KernelError as exc:
+            msg = EffectDone(ticket, error=exc)
+        except Exception as exc:  # a crash in a provider is an EIO reply, never a dead kernel
+            msg = EffectDone(ticket, error=KernelError("EIO", f"provider failed: {type(exc).__name__}: {exc}"))
+        try:
+            self.actor_ref.tell(msg)
+        except pykka.ActorDeadError:
+            pass
+
+    # --- dispatch ------------------------------------------------------------------------------
+    def _handle(self, conn: bytes, msg: Any) -> None:
+        if isinstance(msg, Hello):
+            self._hello(conn, msg)
+            return
+        if not isinstance(msg, Request):
+            self._reply(conn, Reply.failure(getattr(msg, "id", 0), "EINVAL", "only hello and req frames go to the kernel"))
+            return
+        caller = self._conns.get(conn)
+        if caller is None:
+            self._reply(conn, Reply.failure(msg.id, "EPERM", "this connection is not attached: send hello with a token first"))
+            return
+        if self.failed:
+            self._reply(conn, Reply.failure(msg.id, "EIO", self.failed))
+            return
+        try:
+            self._request(conn, caller, msg)
+        except LogWriteError as exc:
+            self.failed = str(exc)
+            self._reply(conn, Reply.failure(msg.id, "EIO", f"the log cannot be written: {exc}"))
+        except Exception as exc:
+            log.exception("kernel: %s failed", msg.sys)
+            self._reply(conn, Reply.failure(msg.id, "EIO", f"kernel error in {msg.sys}: {type(exc).__name__}: {exc}"))
+
+    def _hello(self, conn: bytes, msg: Hello) -> None:
+        if msg.role == "operator" and secrets.compare_digest(msg.token, self.config.operator_token):
+            self._conns[conn] = Caller("operator", OPERATOR)
+            self._reply(conn, Reply(msg.id, True, {"role": "operator"}))
+            return
+        if msg.role == "host" and secrets.compare_digest(msg.token, self.config.host_token):
+            self._conns[conn] = Caller("host", OPERATOR)
+            self._host_conn = conn
+            backlog, self._host_backlog = self._host_backlog, []
+            self._reply(conn, Reply(msg.id, True, {"role": "host"}))
+            self._out_commands.extend(backlog)
+            return
+        pid = self._tokens.get(msg.token) if msg.role == "process" else None
+        proc = self.procs.get(pid) if pid is not None else None
+        if proc is None or proc.state not in LIVE:
+            self._reply(conn, Reply.failure(msg.id, "EPERM", "unknown or expired token"))
+            return
+        if proc.conn is not None and proc.conn != conn:
+            self._conns.pop(proc.conn, None)
+        proc.conn = conn
+        self._conns[conn] = Caller("process", proc.pid)
+        if proc.state == "embryo":
+            self._set_state(proc, "ready")
+        self._reply(conn, Reply(msg.id, True, {"pid": proc.pid, "ppid": proc.ppid, "image": proc.image}))
+
+    def _request(self, conn: bytes, caller: Caller, req: Request) -> None:
+        spec = SYSCALLS.get(req.sys)
+        if spec is None or spec.role != caller.role:
+            if caller.role == "operator" and spec is None:
+                msg = f"unknown operator request {req.sys!r}"
+            elif req.sys in NOT_YET:
+                msg = f"{req.sys} is part of the ABI but not available in this kernel yet"
+            else:
+                msg = f"unknown syscall {req.sys!r}"
+            seq = self._stage("sys", {"sys": req.sys[:128], "decision": "reject", "code": "ENOSYS"}, pid=caller.pid or None,
+                              cause=req.cause)
+            self._reply(conn, Reply.failure(req.id, "ENOSYS", msg, seq))
+            return
+        try:
+            args = spec.validate(req.args)
+        except KernelError as exc:
+            seq = self._stage("sys", {"sys": spec.name, "decision": "reject", "code": exc.code, "message": exc.message},
+                              pid=caller.pid or None, cause=req.cause)
+            self._reply(conn, Reply(req.id, False, error=exc, seq=seq))
+            return
+        if caller.role == "operator":
+            self._operator(conn, req, spec, args)
+            return
+        proc = self.procs[caller.pid]
+        if proc.state not in LIVE:
+            self._reply(conn, Reply.failure(req.id, "EPERM", f"process {proc.pid} has {proc.state}"))
+            return
+        self._syscall(conn, proc, req, spec, args)
+
+    # --- the mediated path ---------------------------------------------------------------------
+    def _syscall(self, conn: bytes, proc: Proc, req: Request, spec: SyscallSpec, args: dict[str, Any]) -> None:
+        now = _now()
+        node = self.budgets.nodes[proc.pid]
+        charges = {d: (1.0 if d in ("syscalls", "llm_calls") else 0.0) for d in spec.budget}
+        handler = getattr(self, "_sys_" + spec.provider)
+        outcome: Outcome
+        exhausted = node.check(charges, now) if spec.budget else None
+        if exhausted is not None:
+            outcome = Outcome.deny("EBUDGET", f"budget exhausted: {exhausted}")
+        else:
+            try:
+                outcome = handler(proc, spec, args, req.cap, now)
+            except KernelError as exc:
+                outcome = Outcome.deny(exc.code, exc.message)
+            if outcome.extra_charges:
+                charges.update(outcome.extra_charges)
+                exhausted = node.check(charges, now)
+                if exhausted is not None:
+                    outcome.close()
+                    outcome = Outcome.deny("EBUDGET", f"budget exhausted: {exhausted} (needs {charges[exhausted]:g})")
+            node.charge({d: a for d, a in charges.items() if exhausted is None or d == "syscalls"})
+        allowed = outcome.code is None
+        cap = outcome.cap
+        body: dict[str, Any] = {"sys": spec.name, "decision": "allow" if allowed else "deny"}
+        if cap is not None:
+            body["cap"] = cap.id
+            body["handle"] = cap.handle
+        if not allowed:
+            body["code"] = outcome.code
+            body["message"] = outcome.message
+        if outcome.detail:
+            body["detail"] = outcome.detail
+        seq = self._stage("sys", body, pid=proc.pid, cause=req.cause, payload=args, has_payload=True)
+        if cap is not None and allowed and cap.uses is not None:
+            cap.uses -= 1
+            self._stage("cap.use", {"cap": cap.id, "uses": cap.uses}, pid=proc.pid, cause=seq)
+        self._event(Topic.audit(), {"seq": seq, "pid": proc.pid, "sys": spec.name, "decision": body["decision"],
+                                    "code": outcome.code, "cap": body.get("handle")})
+        if not allowed:
+            self._reply(conn, Reply(req.id, False, error=KernelError(outcome.code or "EPERM", outcome.message), seq=seq))
+            return
+        if outcome.effect is not None:
+            self._tickets += 1
+            self._pending[self._tickets] = Pending(conn, req.id, proc.pid, spec.name, seq, outcome.after)
+            self._out_effects.append((self._tickets, outcome.effect))
+            return
+        if outcome.parked:
+            return
+        self._finish(conn, req.id, proc.pid, spec.name, seq, outcome.value, None)
+
+    def _finish(self, conn: bytes, rid: int, pid: int, sys: str, cause: int, value: Any, error: KernelError | None) -> None:
+        body: dict[str, Any] = {"sys": sys, "ok": error is None}
+        if error is not None:
+            body["code"] = error.code
+            body["message"] = error.message
+        seq = self._stage("result", body, pid=pid, cause=cause, payload=value, has_payload=error is None)
+        if error is None:
+            self._reply(conn, Reply(rid, True, value, seq=seq))
+        else:
+            self._reply(conn, Reply(rid, False, error=error, seq=seq))
+
+    def _effect_done(self, msg: EffectDone) -> None:
+        p = self._pending.pop(msg.ticket, None)
+        if p is None:
+            return
+        if p.charge_after is not None and msg.error is None:
+            p.charge_after(msg.value)
+        self._finish(p.conn, p.rid, p.pid, p.sys, p.decision_seq, msg.value, msg.error)
+
+    # --- capability lookup ---------------------------------------------------------------------
+    def _authorize(self, proc: Proc, kind: str, handle: str | None, now: float,
+                   covers: Callable[[CapRecord], bool]) -> CapRecord:
+        """The held capability that authorizes this; deny with the most telling code otherwise."""
+        if handle is not None:
+            cap = self.caps.by_handle(proc.pid, handle)
+            if cap is None:
+                raise KernelError("EPERM", f"no capability handle {handle!r} is held by this process")
+            if cap.kind != kind:
+                raise KernelError("EPERM", f"{handle} is a {cap.kind} capability; this needs {kind}")
+            code = cap.status(now)
+            if code is not None:
+                raise KernelError(code, f"{handle} is {'revoked' if code == 'EREVOKED' else 'expired or used up'}")
+            if not covers(cap):
+                raise KernelError("EPERM", f"{handle} does not authorize this")
+            return cap
+        dead: str | None = None
+        for cap in self.caps.held(proc.pid):
+            if cap.kind != kind:
+                continue
+            if not covers(cap):
+                continue
+            code = cap.status(now)
+            if code is not None:
+                dead = dead or code
+                continue
+            return cap
+        if dead is not None:
+            raise KernelError(dead, f"the {kind} capability that covered this is {'revoked' if dead == 'EREVOKED' else 'expired or used up'}")
+        raise KernelError("EPERM", f"no held {kind} capability authorizes this")
+
+    # --- providers: fs -------------------------------------------------------------------------
+    def _sys_fs(self, proc: Proc, spec: SyscallSpec, args: dict[str, Any], handle: str | None, now: float) -> Outcome:
+        comps = split_path(args["path"])
+        op = spec.name[3:]
+        state: dict[str, Any] = {}
+
+        def covers(cap: CapRecord) -> bool:
+            rest = strip_root(tuple(cap.scope["root"].split("/")) if cap.scope["root"] else (), comps)
+            if rest is None:
+                return False
+            try:
+                root = Root.open(self.config.world_root, cap.scope["root"])
+            except KernelError:
+                return False
+            try:
+                res = resolve(root, rest)
+            except KernelError as exc:
+                root.close()
+                state.setdefault("error", exc)
+                return False
+            root.close()
+            pathset = PathSet(tuple(cap.scope["paths"]) if "paths" in cap.scope else None,
+                              tuple(cap.scope.get("exclude", ())))
+            if not pathset.covers(res.rel):
+                res.close()
+                return False
+            if op == "write":
+                need = {"write"} if res.exists else {"create"}
+            elif op == "stat":
+                need = {"read", "list"}
+            else:
+                need = set(spec.rights)
+            if not (need & cap.rights):
+                res.close()
+                return False
+            old = state.pop("res", None)
+            if old is not None:
+                old[0].close()
+            state["res"] = (res, pathset)
+            return True
+
+        try:
+            cap = self._authorize(proc, "fs", handle, now, covers)
+        except KernelError as exc:
+            held = state.pop("res", None)
+            if held is not None:
+                held[0].close()
+            err = state.get("error")
+            if exc.code == "EPERM" and err is not None and err.code != "EPERM":
+                # The path was inside a held root but does not exist: report that, not a denial.
+                if self._lexically_covered(proc, comps, handle, spec):
+                    raise err from None
+            raise
+        res, pathset = state.pop("res")
+        detail = {"path": "/".join(x for x in (cap.scope["root"], res.rel) if x)}
+        cfg = self.config
+        if op == "read":
+            return Outcome.allow(cap, effect=_closing(res, lambda: _fsops.read(res, max_bytes=cfg.fs_max_read_bytes)), detail=detail)
+        if op == "write":
+            data = args["data"]
+            mode = args.get("mode", "w")
+            if mode not in ("w", "a"):
+                res.close()
+                raise KernelError("EINVAL", "mode must be 'w' or 'a'")
+            size = len(data.encode() if isinstance(data, str) else data)
+            create = not res.exists
+            detail.update(bytes=size, create=create)
+            return Outcome.allow(cap, effect=_closing(res, lambda: _fsops.write(res, data, mode, create=create)),
+                                 extra={"fs_bytes_written": float(size)}, detail=detail)
+        if op == "list":
+            not_excluded = PathSet(None, tuple(cap.scope.get("exclude", ())))
+
+            def listing() -> Any:
+                # Hide what the capability does not cover; directories stay visible unless excluded.
+                value = _fsops.listdir(res)
+                prefix = res.rel + "/" if res.rel else ""
+                value["entries"] = [e for e in value["entries"] if pathset.covers(prefix + e["name"])
+                                    or (e["type"] == "dir" and not_excluded.covers(prefix + e["name"]))]
+                return value
+            return Outcome.allow(cap, effect=_closing(res, listing), detail=detail)
+        if op == "stat":
+            return Outcome.allow(cap, effect=_closing(res, lambda: _fsops.stat(res)), detail=detail)
+        if op == "delete":
+            return Outcome.allow(cap, effect=_closing(res, lambda: _fsops.delete(res)), detail=detail)
+        if op == "mkdir":
+            return Outcome.allow(cap, effect=_closing(res, lambda: _fsops.mkdir(res)), detail=detail)
+        res.close()
+        raise KernelError("ENOSYS", spec.name)
+
+    def _lexically_covered(self, proc: Proc, comps: list[str], handle: str | None, spec: SyscallSpec) -> bool:
+        for cap in self.caps.held(proc.pid):
+            if cap.kind != "fs" or (handle is not None and cap.handle != handle) or cap.status(_now()):
+                continue
+            rest = strip_root(tuple(cap.scope["root"].split("/")) if cap.scope["root"] else (), comps)
+            if rest is None or ".." in rest:
+                continue
+            pathset = PathSet(tuple(cap.scope["paths"]) if "paths" in cap.scope else None, tuple(cap.scope.get("exclude", ())))
+            if pathset.covers("/".join(rest)) and set(spec.rights) & cap.rights:
+                return True
+        return False
+
+    # --- providers: shell ----------------------------------------------------------------------
+    def _sys_shell(self, proc: Proc, spec: SyscallSpec, args: dict[str, Any], handle: str | None, now: float) -> Outcome:
+        argv = args["argv"]
+        if not argv or not all(isinstance(a, str) and "\x00" not in a for a in argv):
+            raise KernelError("EINVAL", "argv must be a non-empty list of strings without NUL bytes")
+        world = str(self.config.world_root)
+        want_cwd = args.get("cwd")
+        want_timeout = args.get("timeout_s")
+        if want_timeout is not None and want_timeout <= 0:
+            raise KernelError("EINVAL", "timeout_s must be positive")
+        found: dict[str, Any] = {}
+
+        def covers(cap: CapRecord) -> bool:
+            scope = cap.scope
+            cwd_rel = want_cwd if want_cwd is not None else scope.get("cwd", "")
+            try:
+                cwd_comps = split_path(cwd_rel) if cwd_rel not in ("", ".") else []
+            except KernelError:
+                return False
+            rest = strip_root(tuple(scope.get("cwd", "").split("/")) if scope.get("cwd") else (), cwd_comps)
+            if rest is None:
+                return False
+            try:
+                root = Root.open(world, scope.get("cwd", ""))
+            except KernelError:
+                return False
+            try:
+                res = resolve(root, rest)
+            except KernelError:
+                root.close()
+                return False
+            root.close()
+            if res.kind != "dir" and res.name is not None:
+                res.close()
+                return False
+            cwd_path = os.path.join(world, *([scope["cwd"]] if scope.get("cwd") else []), res.rel)
+            res.close()
+            exe = _shell.resolve_program(argv[0], self.config.path, cwd_path)
+            if exe is None:
+                return False
+            allowed = {_shell.resolve_program(p, self.config.path, world) for p in scope["programs"]}
+            if exe not in allowed:
+                return False
+            if "argv" in scope and not _shell.argv_matches(argv, scope["argv"]):
+                return False
+            limit = scope.get("timeout_s")
+            if want_timeout is not None and limit is not None and want_timeout > limit:
+                found.setdefault("timeout", limit)
+                return False
+            found.update(exe=exe, cwd=cwd_path, timeout=want_timeout or limit or self.config.shell_default_timeout_s,
+                         env=scope.get("env", []))
+            return True
+
+        try:
+            cap = self._authorize(proc, "shell", handle, now, covers)
+        except KernelError as exc:
+            if exc.code == "EPERM" and "timeout" in found:
+                raise KernelError("EPERM", f"timeout_s {want_timeout:g} exceeds the capability's {found['timeout']:g}") from None
+            raise
+        env = {k: os.environ[k] for k in found["env"] if k in os.environ}
+        env.update(self.config.shell_env)
+        env["PATH"] = os.pathsep.join(self.config.path)
+        cfg = self.config
+        exe, cwd, timeout = found["exe"], found["cwd"], float(found["timeout"])
+        detail = {"argv": list(argv), "program": exe, "cwd": os.path.relpath(cwd, world), "timeout_s": timeout}
+        return Outcome.allow(cap, effect=lambda: _shell.run(argv, executable=exe, cwd=cwd, env=env, stdin=args.get("stdin"),
+                                                           timeout_s=timeout, mem_bytes=cfg.shell_mem_bytes), detail=detail)
+
+    # --- providers: memory ---------------------------------------------------------------------
+    def _sys_memory(self, proc: Proc, spec: SyscallSpec, args: dict[str, Any], handle: str | None, now: float) -> Outcome:
+        ns = args.get("ns") or "self"
+        right = spec.rights[0]
+        cap = self._authorize(proc, "memory", handle, now,
+                              lambda c: c.scope["namespace"] == ns and right in c.rights)
+        store_key = f"self:{cap.holder}" if ns == "self" else f"ns:{ns}"
+        if ns == "self":
+            # A `self` cap names the namespace of the process it was granted to.
+            store_key = f"self:{self._self_owner(cap)}"
+        store = self.memory.get(store_key)
+        op = spec.name[4:]
+        if op == "list":
+            prefix = args.get("prefix", "")
+            keys = sorted(k for k in (store or {}) if k.startswith(prefix))
+            return Outcome.allow(cap, value={"keys": keys})
+        key = args["key"]
+        if not key or len(key) > 256:
+            raise KernelError("EINVAL", "a memory key is 1 to 256 characters")
+        if op == "get":
+            if store is None or key not in store:
+                raise KernelError("ENOENT", f"no key {key!r} in namespace {ns!r}")
+            return Outcome.allow(cap, value={"value": store[key]})
+        if op == "put":
+            try:
+                size = len(msgpack.packb(args["value"], use_bin_type=True))
+            except Exception:
+                raise KernelError("EINVAL", "the value is not msgpack-serializable") from None
+            if size > self.config.mem_value_max_bytes:
+                raise KernelError("EINVAL", f"value of {size} bytes exceeds the {self.config.mem_value_max_bytes}-byte limit")
+            store = self.memory.setdefault(store_key, {})
+            if key not in store and len(store) >= self.config.mem_keys_max:
+                raise KernelError("EINVAL", f"namespace {ns!r} is full ({self.config.mem_keys_max} keys)")
+            store[key] = args["value"]
+            return Outcome.allow(cap, value={})
+        if op == "delete":
+            if store is None or key not in store:
+                raise KernelError("ENOENT", f"no key {key!r} in namespace {ns!r}")
+            del store[key]
+            return Outcome.allow(cap, value={})
+        raise KernelError("ENOSYS", spec.name)
+
+    def _self_owner(self, cap: CapRecord) -> int:
+        # A derived `self` cap passed to another process still names the original holder's space.
+        root = self.caps.chain(cap.id)[-1]
+        return root.holder
+
+    # --- providers: llm ------------------------------------------------------------------------
+    def _sys_llm(self, proc: Proc, spec: SyscallSpec, args: dict[str, Any], handle: str | None, now: float) -> Outcome:
+        model = args.get("model") or proc.model
+        max_tokens = args.get("max_tokens")
+        if max_tokens is not None and max_tokens <= 0:
+            raise KernelError("EINVAL", "max_tokens must be positive")
+        over: dict[str, Any] = {}
+
+        def covers(cap: CapRecord) -> bool:
+            if not any(compile_glob(m).fullmatch(model) for m in cap.scope["models"]):
+                return False
+            limit = cap.scope.get("max_tokens")
+            if limit is not None and max_tokens is not None and max_tokens > limit:
+                over["limit"] = limit
+                return False
+            return True
+
+        cap = self._authorize(proc, "llm", handle, now, covers)
+        backend = self._backend(model)
+        if backend is None:
+            raise KernelError("EINVAL", f"no model backend serves {model!r}")
+        request = CompletionRequest(pid=proc.pid, image=proc.image, model=model, messages=args["messages"],
+                                    tools=args.get("tools") or [], system=args.get("system"), max_tokens=max_tokens)
+        node = self.budgets.nodes[proc.pid]
+
+        def charge_tokens(value: Any) -> None:
+            usage = value.get("usage", {}) if isinstance(value, dict) else {}
+            node.charge({"llm_tokens": float(usage.get("input_tokens", 0) + usage.get("output_tokens", 0))})
+
+        out = Outcome.allow(cap, effect=lambda: _turn_value(backend.complete(request)),
+                            extra={"llm_tokens": float(max_tokens or 0)}, detail={"model": model})
+        out.after = charge_tokens
+        return out
+
+    def _backend(self, model: str) -> ModelBackend | None:
+        if model in self.models:
+            return self.models[model]
+        prefix = model.split(":", 1)[0]
+        return self.models.get(prefix) or self.models.get("*")
+
+    # --- providers: caps, budget, proc ---------------------------------------------------------
+    def _sys_cap(self, proc: Proc, spec: SyscallSpec, args: dict[str, Any], handle: str | None, now: float) -> Outcome:
+        op = spec.name[4:]
+        if op == "list":
+            return Outcome.allow(None, value={"caps": [c.view() for c in self.caps.held(proc.pid)]})
+        h = args["handle"]
+        cap = self.caps.by_handle(proc.pid, h)
+        if cap is None:
+            raise KernelError("EPERM", f"no capability handle {h!r} is held by this process")
+        if op == "drop":
+            self.caps.drop(proc.pid, h)
+            self._stage("cap.drop", {"cap": cap.id}, pid=proc.pid)
+            return Outcome.allow(cap, value={})
+        if op == "revoke":
+            revoked = self.caps.revoke(cap.id)
+            self._stage("cap.revoke", {"caps": revoked}, pid=proc.pid)
+            return Outcome.allow(cap, value={"revoked": len(revoked)})
+        narrow = Narrow.parse(args.get("narrow"))
+        if op == "derive":
+            new = self.caps.derive(cap, narrow, holder=proc.pid, now=now, handle=args.get("as"), via="cap.derive")
+            self._log_cap(new, proc.pid)
+            return Outcome.allow(cap, value={"handle": new.handle})
+        if op == "grant":
+            if "grant" not in cap.rights:
+                raise KernelError("EPERM", f"{h} does not carry the grant right")
+            target = proc.ppid if args["to"] == "parent" else args["to"]
+            if not isinstance(target, int) or target not in self.procs or self.procs[target].state not in LIVE:
+                raise KernelError("ENOENT", f"no live process {args['to']!r}")
+            new = self.caps.derive(cap, narrow, holder=target, now=now, handle=args.get("as"), via="cap.grant")
+            self._log_cap(new, proc.pid)
+            return Outcome.allow(cap, value={"handle": new.handle, "pid": target})
+        raise KernelError("ENOSYS", spec.name)
+
+    def _log_cap(self, rec: CapRecord, author: int | None, cause: int | None = None) -> None:
+        rec.created_seq = self._stage("cap.create", rec.log_body(), pid=author or None, cause=cause)
+
+    def _sys_budget(self, proc: Proc, spec: SyscallSpec, args: dict[str, Any], handle: str | None, now: float) -> Outcome:
+        return Outcome.allow(None, value=self.budgets.nodes[proc.pid].view(now))
+
+    def _sys_proc(self, proc: Proc, spec: SyscallSpec, args: dict[str, Any], handle: str | None, now: float) -> Outcome:
+        if spec.name == "proc.self":
+            return Outcome.allow(None, value={"pid": proc.pid, "ppid": proc.ppid, "image": proc.image, "state": proc.state})
+        if spec.name == "proc.exit":
+            status = args.get("status") or "ok"
+            self._exit(proc, status, args.get("result"))
+            return Outcome.allow(None, value={})
+        raise KernelError("ENOSYS", spec.name)
+
+    # --- processes -----------------------------------------------------------------------------
+    def _set_state(self, proc: Proc, state: str, **extra: Any) -> None:
+        proc.state = state
+        body = {"pid": proc.pid, "state": state, **extra}
+        self._stage("proc.state", body, pid=proc.pid)
+        self._event(Topic.proc(proc.pid), body)
+        self._event(Topic("proc/"), body)
+
+    def _create_process(self, image: str, ppid: int | None, model: str, budget: dict[str, float], daemon: bool,
+                        input: Any, now: float) -> Proc:
+        pid = self._next_pid
+        self._next_pid += 1
+        token = secrets.token_hex(16)
+        proc = Proc(pid=pid, ppid=ppid, image=image, model=model, token=token, daemon=daemon, input=input)
+        self.budgets.create(pid, ppid, budget, now)
+        self.procs[pid] = proc
+        self._tokens[token] = pid
+        if ppid is not None and ppid in self.procs:
+            self.procs[ppid].children.add(pid)
+        self._stage("proc.state", {"pid": pid, "ppid": ppid, "image": image, "state": "embryo", "model": model,
+                                   "budget": budget}, pid=pid)
+        # Every process holds its own memory namespace and the model that drives it.
+        for name, kind, scope, rights in (
+            ("self", "memory", {"namespace": "self"}, ["read", "write", "delete", "list"]),
+            ("model", "llm", {"models": [model]}, ["complete"]),
+        ):
+            rec = self.caps.create(holder=pid, kind=kind, scope=scope, rights=rights, handle=name, via="spawn")
+            self._log_cap(rec, None)
+        return proc
+
+    def _start_process(self, proc: Proc) -> None:
+        image = self.images.get(proc.image, {})
+        self._command(Command("start", proc.pid, {
+            "token": proc.token, "ppid": proc.ppid, "image": proc.image, "model": proc.model,
+            "prompt": image.get("prompt", ""), "tools": image.get("tools", []), "input": proc.input,
+            "daemon": proc.daemon,
+        }))
+
+    def _command(self, cmd: Command) -> None:
+        if self._host_conn is None:
+            self._host_backlog.append(cmd)
+        else:
+            self._out_commands.append(cmd)
+
+    def _send_command(self, cmd: Command) -> None:
+        if self._host_conn is None:
+            self._host_backlog.append(cmd)
+        else:
+            self._sender.send(self._host_conn, cmd.encode())
+
+    def _exit(self, proc: Proc, status: str, result: Any, state: str = "exited") -> None:
+        if proc.state not in LIVE:
+            return
+        proc.status = status
+        proc.result = result
+        self._set_state(proc, state, status=status)
+        self.budgets.release(proc.pid)
+        self.caps.release_process(proc.pid)
+        self._tokens.pop(proc.token, None)
+        if proc.conn is not None:
+            self._conns.pop(proc.conn, None)
+        # Live children are reparented to the exiting process's parent.
+        parent = self.procs.get(proc.ppid) if proc.ppid is not None else None
+        for cpid in proc.children:
+            child = self.procs[cpid]
+            if child.state in LIVE:
+                child.ppid = proc.ppid
+                if parent is not None:
+                    parent.children.add(cpid)
+        for w in self._waiters.pop(proc.pid, []):
+            if w.timer is not None:
+                w.timer.cancel()
+            self._reply(w.conn, Reply(w.rid, True, {"pid": proc.pid, "status": status, "result": result}))
+
+    def _kill(self, proc: Proc) -> list[int]:
+        killed = []
+        stack = [proc.pid]
+        while stack:
+            p = self.procs[stack.pop()]
+            stack.extend(c for c in p.children if self.procs[c].state in LIVE)
+            if p.state in LIVE:
+                self._command(Command("stop", p.pid))
+                self._exit(p, "killed", None, state="killed")
+                killed.append(p.pid)
+        return killed
+
+    # --- operator requests ---------------------------------------------------------------------
+    def _operator(self, conn: bytes, req: Request, spec: SyscallSpec, args: dict[str, Any]) -> None:
+        seq = self._stage("op", {"sys": spec.name, "author": "operator"}, cause=req.cause, payload=args, has_payload=True)
+        try:
+            value = getattr(self, "_op_" + spec.name[3:].replace(".", "_"))(conn, req, args, seq)
+        except KernelError as exc:
+            self._finish(conn, req.id, 0, spec.name, seq, None, exc)
+            return
+        if value is _PARKED:
+            return
+        self._finish(conn, req.id, 0, spec.name, seq, value, None)
+
+    def _op_image_register(self, conn: bytes, req: Request, args: dict[str, Any], seq: int) -> Any:
+        tools = args.get("tools") or []
+        if not all(isinstance(t, str) for t in tools):
+            raise KernelError("EINVAL", "image tools must be tool names")
+        image = {"name": args["name"], "prompt": args.get("prompt", ""), "tools": tools,
+                 "model": args.get("model"), "budget": args.get("budget") or {}, "meta": args.get("meta") or {}}
+        self.images[args["name"]] = image
+        self._stage("image.register", {"name": args["name"]}, cause=seq, payload=image, has_payload=True)
+        return {"image": args["name"]}
+
+    def _grant(self, pid: int, spec: dict[str, Any], now: float, cause: int) -> CapRecord:
+        if not isinstance(spec, dict):
+            raise KernelError("EINVAL", "a grant is a map with kind, scope and rights")
+        kind = spec.get("kind")
+        if kind not in KINDS:
+            raise KernelError("EINVAL", f"unknown capability kind {kind!r}")
+        exp = spec.get("expires_in_s")
+        rec = self.caps.create(
+            holder=pid, kind=kind, scope=spec.get("scope", {}), rights=spec.get("rights", []),
+            approval=spec.get("approval", "never"), expires=None if exp is None else now + float(exp),
+            uses=spec.get("uses"), handle=spec.get("name"), via="operator",
+        )
+        self._log_cap(rec, None, cause)
+        return rec
+
+    def _op_spawn(self, conn: bytes, req: Request, args: dict[str, Any], seq: int) -> Any:
+        now = _now()
+        image = args["image"]
+        if image not in self.images:
+            raise KernelError("ENOENT", f"no image {image!r} is registered")
+        img = self.images[image]
+        budget = parse_budget(args.get("budget") if args.get("budget") is not None else img.get("budget"))
+        model = args.get("model") or img.get("model") or "scripted"
+        grants = args.get("caps") or []
+        # Validate every grant before creating anything, so a bad grant leaves no half-made process.
+        from agentlibos.kernel._caps import validate_rights, validate_scope
+
+        for g in grants:
+            if not isinstance(g, dict) or g.get("kind") not in KINDS:
+                raise KernelError("EINVAL", f"bad grant {g!r}: needs kind, scope, rights")
+            validate_scope(g["kind"], g.get("scope", {}))
+            validate_rights(g["kind"], g.get("rights", []))
+        proc = self._create_process(image, None, model, budget, bool(args.get("daemon")), args.get("input"), now)
+        for g in grants:
+            self._grant(proc.pid, g, now, seq)
+        self._start_process(proc)
+        return {"pid": proc.pid}
+
+    def _op_grant(self, conn: bytes, req: Request, args: dict[str, Any], seq: int) -> Any:
+        proc = self.procs.get(args["pid"])
+        if proc is None or proc.state not in LIVE:
+            raise KernelError("ENOENT", f"no live process {args['pid']}")
+        g = {k: args[k] for k in ("kind", "scope", "rights", "approval", "expires_in_s", "uses") if k in args}
+        if "name" in args:
+            g["name"] = args["name"]
+        rec = self._grant(proc.pid, g, _now(), seq)
+        return {"cap": rec.id, "handle": rec.handle, "pid": proc.pid}
+
+    def _op_revoke(self, conn: bytes, req: Request, args: dict[str, Any], seq: int) -> Any:
+        if "cap" in args:
+            rec = self.caps.records.get(args["cap"])
+        elif "pid" in args and "handle" in args:
+            rec = self.caps.by_handle(args["pid"], args["handle"])
+        else:
+            raise KernelError("EINVAL", "op.revoke needs cap, or pid and handle")
+        if rec is None:
+            raise KernelError("ENOENT", "no such capability")
+        revoked = self.caps.revoke(rec.id)
+        self._stage("cap.revoke", {"caps": revoked, "author": "operator"}, cause=seq)
+        return {"revoked": revoked}
+
+    def _op_kill(self, conn: bytes, req: Request, args: dict[str, Any], seq: int) -> Any:
+        proc = self.procs.get(args["pid"])
+        if proc is None:
+            raise KernelError("ENOENT", f"no process {args['pid']}")
+        return {"killed": self._kill(proc)}
+
+    def _op_send(self, conn: bytes, req: Request, args: dict[str, Any], seq: int) -> Any:
+        proc = self.procs.get(args["pid"])
+        if proc is None or proc.state not in LIVE:
+            raise KernelError("ENOENT", f"no live process {args['pid']}")
+        self._stage("msg.deliver", {"pid": proc.pid, "from": "operator"}, pid=proc.pid, cause=seq,
+                    payload=args["input"], has_payload=True)
+        self._command(Command("deliver", proc.pid, {"input": args["input"]}))
+        return {}
+
+    def _op_wait(self, conn: bytes, req: Request, args: dict[str, Any], seq: int) -> Any:
+        proc = self.procs.get(args["pid"])
+        if proc is None:
+            raise KernelError("ENOENT", f"no process {args['pid']}")
+        if proc.state not in LIVE:
+            return {"pid": proc.pid, "status": proc.status, "result": proc.result}
+        w = Waiter(conn, req.id, proc.pid)
+        timeout = args.get("timeout_s")
+        if timeout is not None:
+            self._tickets += 1
+            key = self._tickets
+            w.timer = threading.Timer(float(timeout), self._fire, (key,))
+            w.timer.daemon = True
+            self._timers[key] = (proc.pid, w)
+            w.timer.start()
+        self._waiters.setdefault(proc.pid, []).append(w)
+        return _PARKED
+
+    def _fire(self, key: int) -> None:
+        try:
+            self.actor_ref.tell(TimerFired(key))
+        except pykka.ActorDeadError:
+            pass
+
+    def _timer_fired(self, key: int) -> None:
+        entry = self._timers.pop(key, None)
+        if entry is None:
+            return
+        pid, w = entry
+        waiters = self._waiters.get(pid, [])
+        if w in waiters:
+            waiters.remove(w)
+            self._reply(w.conn, Reply.failure(w.rid, "ETIMEDOUT", f"process {pid} did not exit in time"))
+
+    def _op_ps(self, conn: bytes, req: Request, args: dict[str, Any], seq: int) -> Any:
+        return {"processes": [
+            {"pid": p.pid, "ppid": p.ppid, "image": p.image, "state": p.state, "status": p.status, "model": p.model}
+            for p in self.procs.values()
+        ]}
+
+    def _op_caps(self, conn: bytes, req: Request, args: dict[str, Any], seq: int) -> Any:
+        pid = args.get("pid")
+        return {"caps": [
+            {**r.log_body(), "revoked": r.revoked, "dropped": r.dropped, "created_seq": r.created_seq}
+            for r in self.caps.records.values() if pid is None or r.holder == pid
+        ]}
+
+    def _op_mem_put(self, conn: bytes, req: Request, args: dict[str, Any], seq: int) -> Any:
+        self.memory.setdefault(self._ns_key(args["ns"]), {})[args["key"]] = args["value"]
+        return {}
+
+    def _op_mem_get(self, conn: bytes, req: Request, args: dict[str, Any], seq: int) -> Any:
+        store = self.memory.get(self._ns_key(args["ns"]), {})
+        if args["key"] not in store:
+            raise KernelError("ENOENT", f"no key {args['key']!r} in {args['ns']!r}")
+        return {"value": store[args["key"]]}
+
+    @staticmethod
+    def _ns_key(ns: str) -> str:
+        return ns if ns.startswith("self:") else f"ns:{ns}"
+
+    def _op_budget(self, conn: bytes, req: Request, args: dict[str, Any], seq: int) -> Any:
+        node = self.budgets.nodes.get(args["pid"])
+        if node is None:
+            raise KernelError("ENOENT", f"no process {args['pid']}")
+        return node.view(_now())
+
+
+_PARKED = object()
+
+
+def _turn_value(result: Any) -> dict[str, Any]:
+    value = result.to_value() if hasattr(result, "to_value") else result
+    if not isinstance(value, dict) or not isinstance(value.get("content"), list):
+        raise KernelError("EIO", "the model backend returned no content list")
+    return value
+
+
+class Outcome:
+    """What a provider decided: deny with a code, or allow with a value, an effect, or a park."""
+
+    __slots__ = ("code", "message", "cap", "value", "effect", "parked", "extra_charges", "detail", "after")
+
+    def __init__(self) -> None:
+        self.code: str | None = None
+        self.message = ""
+        self.cap: CapRecord | None = None
+        self.value: Any = None
+        self.effect: Callable[[], Any] | None = None
+        self.parked = False
+        self.extra_charges: dict[str, float] = {}
+        self.detail: dict[str, Any] | None = None
+        self.after: Callable[[Any], None] | None = None
+
+    @classmethod
+    def deny(cls, code: str, message: str) -> Outcome:
+        o = cls()
+        o.code, o.message = code, message
+        return o
+
+    @classmethod
+    def allow(cls, cap: CapRecord | None, *, value: Any = None, effect: Callable[[], Any] | None = None,
+              extra: dict[str, float] | None = None, detail: dict[str, Any] | None = None) -> Outcome:
+        o = cls()
+        o.cap, o.value, o.effect = cap, value, effect
+        o.extra_charges = extra or {}
+        o.detail = detail
+        return o
+
+    def close(self) -> None:
+        closer = getattr(self.effect, "close", None)
+        if closer is not None:
+            closer()
+
+
+class _closing:
+    """An effect that owns an opened path: it closes the path whether or not it ever runs."""
+
+    def __init__(self, res: Any, fn: Callable[[], Any]) -> None:
+        self._res = res
+        self._fn = fn
+
+    def __call__(self) -> Any:
+        try:
+            return self._fn()
+        finally:
+            self._res.close()
+
+    def close(self) -> None:
+        self._res.close()

@@ -1,0 +1,151 @@
+"""The syscall table: the only way into the kernel. Name -> argument schema, capability kind,
+rights, budget dimensions and provider; nothing outside this table reaches an effect.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from agentlibos.bus._errors import KernelError
+
+# Argument types: a name from _TYPES, "?" suffix for optional.
+_TYPES: dict[str, tuple[type, ...]] = {
+    "str": (str,),
+    "int": (int,),
+    "num": (int, float),
+    "bool": (bool,),
+    "list": (list,),
+    "map": (dict,),
+    "data": (str, bytes),
+    "pid": (int, str),
+    "any": (object,),
+}
+
+MAX_STRING = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class ArgSpec:
+    name: str
+    type: str
+    required: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SyscallSpec:
+    """One row of the table. `kind` None means the call needs no capability."""
+
+    name: str
+    args: tuple[ArgSpec, ...]
+    kind: str | None
+    rights: tuple[str, ...]
+    budget: tuple[str, ...]
+    provider: str
+    role: str = "process"  # "process" or "operator"
+    doc: str = ""
+
+    def validate(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        known = {a.name for a in self.args}
+        for key in args:
+            if key not in known:
+                raise KernelError("EINVAL", f"{self.name} takes no argument {key!r} (arguments: {', '.join(sorted(known)) or 'none'})")
+        out: dict[str, Any] = {}
+        for a in self.args:
+            if a.name not in args or args[a.name] is None:
+                if a.required:
+                    raise KernelError("EINVAL", f"{self.name} needs argument {a.name!r}")
+                continue
+            v = args[a.name]
+            types = _TYPES[a.type]
+            if a.type != "any" and (not isinstance(v, types) or (isinstance(v, bool) and a.type not in ("bool", "any"))):
+                raise KernelError("EINVAL", f"{self.name}: argument {a.name!r} must be {a.type}, not {type(v).__name__}")
+            if isinstance(v, (str, bytes)) and len(v) > MAX_STRING:
+                raise KernelError("EINVAL", f"{self.name}: argument {a.name!r} is longer than {MAX_STRING} bytes")
+            out[a.name] = v
+        return out
+
+
+def _args(spec: str) -> tuple[ArgSpec, ...]:
+    out = []
+    for part in spec.split():
+        name, _, t = part.partition(":")
+        required = not t.endswith("?")
+        out.append(ArgSpec(name, t.rstrip("?"), required))
+    return tuple(out)
+
+
+def _row(name: str, args: str, kind: str | None, rights: str, budget: str, provider: str, doc: str, role: str = "process") -> SyscallSpec:
+    return SyscallSpec(name, _args(args), kind, tuple(rights.split()), tuple(budget.split()), provider, role, doc)
+
+
+_S = "syscalls"
+
+SYSCALLS: dict[str, SyscallSpec] = {
+    s.name: s
+    for s in [
+        _row("fs.read", "path:str", "fs", "read", _S, "fs", "read a file -> {text} or {bytes}"),
+        _row("fs.write", "path:str data:data mode:str?", "fs", "write create", f"{_S} fs_bytes_written", "fs",
+             "write (existing file: write right) or create (new file: create right); mode w or a"),
+        _row("fs.list", "path:str", "fs", "list", _S, "fs", "list a directory -> {entries: [{name, type}]}"),
+        _row("fs.stat", "path:str", "fs", "read list", _S, "fs", "-> {type, size, mtime}"),
+        _row("fs.delete", "path:str", "fs", "delete", _S, "fs", "delete a file or an empty directory"),
+        _row("fs.mkdir", "path:str", "fs", "create", _S, "fs", "create a directory"),
+        _row("shell.exec", "argv:list cwd:str? stdin:data? timeout_s:num?", "shell", "exec", _S, "shell",
+             "run a program (argv only, never a shell string) -> {exit_code, stdout, stderr}"),
+        _row("mem.get", "key:str ns:str?", "memory", "read", _S, "memory", "-> {value}"),
+        _row("mem.put", "key:str value:any ns:str?", "memory", "write", _S, "memory", "store a msgpack-able value"),
+        _row("mem.delete", "key:str ns:str?", "memory", "delete", _S, "memory", "delete a key"),
+        _row("mem.list", "prefix:str? ns:str?", "memory", "list", _S, "memory", "-> {keys}"),
+        _row("llm.complete", "messages:list tools:list? model:str? max_tokens:int? system:str?", "llm", "complete",
+             "llm_calls llm_tokens", "llm", "one model turn -> {content, stop_reason, usage, model}"),
+        _row("cap.list", "", None, "", _S, "cap", "the caller's handles with kind, scope, rights"),
+        _row("cap.derive", "handle:str narrow:map? as:str?", None, "", _S, "cap", "a narrowed copy for the caller"),
+        _row("cap.grant", "handle:str to:pid narrow:map? as:str?", None, "grant", _S, "cap",
+             "pass a narrowed copy to another process (needs the grant right)"),
+        _row("cap.revoke", "handle:str", None, "", _S, "cap", "revoke a cap and everything derived from it"),
+        _row("cap.drop", "handle:str", None, "", _S, "cap", "close the caller's own handle"),
+        _row("budget.get", "", None, "", _S, "budget", "the caller's budget per dimension"),
+        _row("proc.self", "", None, "", _S, "proc", "-> {pid, ppid, image, state}"),
+        _row("proc.exit", "status:str? result:any?", None, "", "", "proc",
+             "end the calling process (its host calls this when the agent's loop ends)"),
+        # Operator requests: only connections that said hello with the operator token.
+        _row("op.image.register", "name:str prompt:str? tools:list? model:str? budget:map? meta:map?", None, "", "",
+             "op", "register or replace an AgentImage", "operator"),
+        _row("op.spawn", "image:str caps:list? budget:map? input:any? model:str? daemon:bool?", None, "", "", "op",
+             "start a root process with operator grants -> {pid}", "operator"),
+        _row("op.grant", "pid:int kind:str scope:map rights:list approval:str? expires_in_s:num? uses:int? name:str?",
+             None, "", "", "op", "grant a capability to a process -> {handle, cap}", "operator"),
+        _row("op.revoke", "pid:int? handle:str? cap:int?", None, "", "", "op",
+             "revoke a capability (by pid+handle or cap id) and everything derived from it", "operator"),
+        _row("op.kill", "pid:int", None, "", "", "op", "kill a process and its subtree", "operator"),
+        _row("op.send", "pid:int input:any", None, "", "", "op", "deliver an input message to a process", "operator"),
+        _row("op.wait", "pid:int timeout_s:num?", None, "", "", "op", "wait for a process to exit -> {status, result}",
+             "operator"),
+        _row("op.ps", "", None, "", "", "op", "every process with state and image", "operator"),
+        _row("op.caps", "pid:int?", None, "", "", "op", "capability records, optionally of one process", "operator"),
+        _row("op.budget", "pid:int", None, "", "", "op", "a process's budget view", "operator"),
+        _row("op.mem.put", "ns:str key:str value:any", None, "", "", "op",
+             "seed Object Memory (ns: a shared namespace, or self:PID)", "operator"),
+        _row("op.mem.get", "ns:str key:str", None, "", "", "op", "read Object Memory -> {value}", "operator"),
+    ]
+}
+
+#: ABI syscalls that later work adds; a request for one gets ENOSYS naming it as not yet available.
+NOT_YET: frozenset[str] = frozenset(
+    {
+        "human.ask", "human.notify", "proc.spawn", "proc.wait", "proc.kill", "proc.list", "msg.send", "msg.recv",
+        "ckpt.create", "ckpt.restore", "ckpt.fork", "ckpt.list", "image.commit", "image.list", "image.show",
+        "image.boot", "tool.define", "tool.remove", "tool.list", "skill.load", "skill.list", "rpc.call",
+        "mcp.list_tools", "mcp.call", "pty.open", "pty.write", "pty.read", "pty.close", "cap.request",
+    }
+)
+
+#: Syscalls this project adds to ABI.md (documented in docs/protocol.md).
+ADDITIONS: frozenset[str] = frozenset({"proc.exit"})
+
+
+def tool_name(sys: str) -> str:
+    """Model-visible builtin tool name: LLM tool names may not contain dots."""
+    return sys.replace(".", "_")

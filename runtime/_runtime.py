@@ -1,0 +1,223 @@
+"""`Runtime`: bus + kernel + a process host in one Python process (the embedded default).
+
+The Python API starts here; every method is an operator request through the kernel, so what a
+script does is logged and decided exactly like what the CLI or a remote client does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from agentlibos.actors import ProcessHost, ScriptedModel, ToolObserver
+from agentlibos.bus import BusServer, EventStream, KernelClient, Topic, ipc_dir
+from agentlibos.kernel import Inbound, Inspect, Kernel, KernelConfig, ModelBackend
+from agentlibos.storage import SQLiteLog
+
+
+@dataclass(frozen=True, slots=True)
+class Exit:
+    """How a process ended."""
+
+    pid: int
+    status: str
+    result: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """An operator grant, as the Python API spells it (same fields as ABI.md)."""
+
+    kind: str
+    scope: Mapping[str, Any]
+    rights: Sequence[str]
+    name: str | None = None
+    approval: str = "never"
+    expires_in_s: float | None = None
+    uses: int | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind, "scope": dict(self.scope), "rights": list(self.rights),
+                               "approval": self.approval}
+        if self.name is not None:
+            out["name"] = self.name
+        if self.expires_in_s is not None:
+            out["expires_in_s"] = self.expires_in_s
+        if self.uses is not None:
+            out["uses"] = self.uses
+        return out
+
+
+def _grant_wire(g: Grant | Mapping[str, Any]) -> dict[str, Any]:
+    return g.to_wire() if isinstance(g, Grant) else dict(g)
+
+
+class Runtime:
+    """An embedded kernel on a state directory, with a process host and an operator connection.
+
+    ```
+    with Runtime("state", world_root="world") as rt:
+        rt.register_image("notes", prompt="You keep notes.", tools=["fs_read"])
+        pid = rt.spawn("notes", caps=[Grant("fs", {"root": "workspace"}, ["read"])])
+    ```
+    """
+
+    def __init__(
+        self,
+        state_dir: str | os.PathLike[str],
+        *,
+        world_root: str | os.PathLike[str] | None = None,
+        models: Mapping[str, ModelBackend] | None = None,
+        observer: ToolObserver | None = None,
+        ipc: bool = True,
+        **config: Any,
+    ) -> None:
+        self.state_dir = Path(state_dir).absolute()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.config = KernelConfig.load(self.state_dir, world_root, **config)
+        self.config.world_root.mkdir(parents=True, exist_ok=True)
+        self.models: dict[str, ModelBackend] = dict(models or {"scripted": ScriptedModel({})})
+        self._observer = observer
+        self._ipc = ipc
+        self._local = threading.local()
+        self._clients: list[KernelClient] = []
+        self._clients_lock = threading.Lock()
+        self._started = False
+
+    # --- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> Runtime:
+        if self._started:
+            return self
+        self.context: zmq.Context[Any] = zmq.Context()
+        tag = f"{os.getpid()}-{id(self)}"
+        self.inproc_endpoint = f"inproc://agentlibos-kernel-{tag}"
+        self.inproc_events = f"inproc://agentlibos-events-{tag}"
+        endpoints, events = [self.inproc_endpoint], [self.inproc_events]
+        self.endpoint = self.inproc_endpoint
+        self.events_endpoint = self.inproc_events
+        if self._ipc:
+            run = ipc_dir(self.state_dir)
+            self.endpoint = f"ipc://{run}/kernel.sock"
+            self.events_endpoint = f"ipc://{run}/events.sock"
+            endpoints.append(self.endpoint)
+            events.append(self.events_endpoint)
+        self.log = SQLiteLog(self.state_dir / "log.db")
+        kernel_box: list[Any] = []
+        self.bus = BusServer(self.context, endpoints, lambda batch: kernel_box[0].tell(Inbound(batch)))
+        self.kernel = Kernel.start(self.config, self.log, self.context, self.bus, events, self.models)
+        kernel_box.append(self.kernel)
+        self.bus.start()
+        self._write_connection_file()
+        self.host = ProcessHost(self.context, self.inproc_endpoint, self.config.host_token, observer=self._observer)
+        self.host.start()
+        self._started = True
+        return self
+
+    def _write_connection_file(self) -> None:
+        path = self.state_dir / "connection.json"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump({"endpoint": self.endpoint, "events": self.events_endpoint,
+                       "operator_token": self.config.operator_token, "pid": os.getpid()}, fh)
+
+    def stop(self) -> None:
+        if not self._started:
+            return
+        self._started = False
+        self.host.stop()
+        with self._clients_lock:
+            for c in self._clients:
+                c.close()
+            self._clients.clear()
+        self.bus.stop()
+        self.kernel.stop(timeout=10)
+        self.log.close()
+        self.context.term()
+        try:
+            (self.state_dir / "connection.json").unlink()
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self) -> Runtime:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # --- the operator's API --------------------------------------------------------------------
+    @property
+    def operator(self) -> KernelClient:
+        """A KernelClient with operator credentials, one per calling thread."""
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = KernelClient(self.inproc_endpoint, context=self.context, token=self.config.operator_token,
+                                  role="operator", timeout_s=None)
+            self._local.client = client
+            with self._clients_lock:
+                self._clients.append(client)
+        return client
+
+    def register_image(self, name: str, *, prompt: str = "", tools: Iterable[str] = (), model: str | None = None,
+                       budget: Mapping[str, float] | None = None) -> str:
+        args: dict[str, Any] = {"name": name, "prompt": prompt, "tools": list(tools)}
+        if model is not None:
+            args["model"] = model
+        if budget is not None:
+            args["budget"] = dict(budget)
+        self.operator.call("op.image.register", args)
+        return name
+
+    def spawn(self, image: str, *, caps: Iterable[Grant | Mapping[str, Any]] = (), budget: Mapping[str, float] | None = None,
+              input: Any = None, model: str | None = None, daemon: bool = False) -> int:
+        args: dict[str, Any] = {"image": image, "caps": [_grant_wire(g) for g in caps], "daemon": daemon}
+        if budget is not None:
+            args["budget"] = dict(budget)
+        if input is not None:
+            args["input"] = input
+        if model is not None:
+            args["model"] = model
+        return int(self.operator.call("op.spawn", args)["pid"])
+
+    def send(self, pid: int, input: Any) -> None:
+        self.operator.call("op.send", {"pid": pid, "input": input})
+
+    def wait(self, pid: int, timeout_s: float | None = None) -> Exit:
+        args: dict[str, Any] = {"pid": pid}
+        if timeout_s is not None:
+            args["timeout_s"] = timeout_s
+        v = self.operator.call("op.wait", args)
+        return Exit(pid=v["pid"], status=v["status"], result=v.get("result"))
+
+    def grant(self, pid: int, grant: Grant | Mapping[str, Any]) -> str:
+        return str(self.operator.call("op.grant", {"pid": pid, **_grant_wire(grant)})["handle"])
+
+    def revoke(self, pid: int, handle: str) -> list[int]:
+        return list(self.operator.call("op.revoke", {"pid": pid, "handle": handle})["revoked"])
+
+    def kill(self, pid: int) -> list[int]:
+        return list(self.operator.call("op.kill", {"pid": pid})["killed"])
+
+    def ps(self) -> list[dict[str, Any]]:
+        return list(self.operator.call("op.ps")["processes"])
+
+    def caps(self, pid: int | None = None) -> list[dict[str, Any]]:
+        return list(self.operator.call("op.caps", {} if pid is None else {"pid": pid})["caps"])
+
+    def events(self, *topics: Topic | str) -> EventStream:
+        """Subscribe to kernel events (`audit/`, `proc/<pid>/`, ...); close it when done."""
+        return EventStream(self.inproc_events, topics or ("",), context=self.context)
+
+    def client(self, token: str) -> KernelClient:
+        """A process-role client (tests and external agents use the process's token)."""
+        return KernelClient(self.inproc_endpoint, context=self.context, token=token)
+
+    def inspect(self, fn: Any) -> Any:
+        """Run a read-only function on the kernel thread and return its result."""
+        return self.kernel.ask(Inspect(fn))
