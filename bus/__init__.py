@@ -27,14 +27,13 @@ from agentlibos.bus._errors import (
     ScenarioError,
     StorageError,
 )
-from agentlibos.bus._sockets import Batch, BusServer, Publisher, ReplySender, ipc_dir
+from agentlibos.bus._sockets import Batch, Publisher, RouterSet, ipc_dir
 from agentlibos.bus._topics import Topic, decode_event, encode_event
 
 __all__ = [
     "AgentLibOSError",
     "Batch",
     "BusError",
-    "BusServer",
     "Command",
     "DENIAL_CODES",
     "ERROR_CODES",
@@ -51,7 +50,7 @@ __all__ = [
     "Publisher",
     "ReplayError",
     "Reply",
-    "ReplySender",
+    "RouterSet",
     "Request",
     "ScenarioError",
     "StorageError",

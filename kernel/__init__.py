@@ -3,7 +3,8 @@
 from agentlibos.kernel._budget import DIMENSIONS, BudgetNode, BudgetTree, parse_budget
 from agentlibos.kernel._caps import KIND_RIGHTS, KINDS, CapRecord, CapTable, Narrow, scope_within, validate_scope
 from agentlibos.kernel._config import KernelConfig
-from agentlibos.kernel._kernel import EffectDone, Inbound, Inspect, Kernel
+from agentlibos.kernel._inbox import Inbound
+from agentlibos.kernel._kernel import EffectDone, Inspect, Kernel
 from agentlibos.kernel._models import Completion, CompletionRequest, ModelBackend
 from agentlibos.kernel._table import ADDITIONS, NOT_YET, SYSCALLS, ArgSpec, SyscallSpec, tool_name
 

@@ -19,8 +19,6 @@ import pykka
 import zmq
 
 from agentlibos.bus import (
-    Batch,
-    BusServer,
     Command,
     Hello,
     KernelError,
@@ -28,12 +26,15 @@ from agentlibos.bus import (
     Publisher,
     Reply,
     Request,
+    RouterSet,
     Topic,
 )
 from agentlibos.kernel import _fsops, _shell
 from agentlibos.kernel._budget import BudgetTree, parse_budget
 from agentlibos.kernel._caps import KINDS, CapRecord, CapTable, Narrow
 from agentlibos.kernel._config import KernelConfig
+from agentlibos.kernel._commit import Committed, Committer, Outputs
+from agentlibos.kernel._inbox import Inbound, KernelInbox
 from agentlibos.kernel._globs import PathSet, compile_glob
 from agentlibos.kernel._models import CompletionRequest, ModelBackend
 from agentlibos.kernel._paths import Root, resolve, split_path, strip_root
@@ -47,11 +48,6 @@ OPERATOR = 0  # the author recorded for operator requests
 
 
 # --- messages the Kernel actor receives (immutable; the bus thread and workers send them) ------
-
-
-@dataclass(frozen=True, slots=True)
-class Inbound:
-    batch: Batch
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +128,7 @@ class Kernel(pykka.ThreadingActor):
         config: KernelConfig,
         log_backend: LogBackend,
         context: zmq.Context[Any],
-        bus: BusServer,
+        endpoints: list[str],
         event_endpoints: list[str],
         models: dict[str, ModelBackend] | None = None,
     ) -> None:
@@ -140,7 +136,7 @@ class Kernel(pykka.ThreadingActor):
         self.config = config
         self.log = log_backend
         self._ctx = context
-        self._bus = bus
+        self._endpoints = endpoints
         self._event_endpoints = event_endpoints
         self.models: dict[str, ModelBackend] = dict(models or {})
         self.caps = CapTable()
@@ -157,20 +153,30 @@ class Kernel(pykka.ThreadingActor):
         self._pending: dict[int, Pending] = {}
         self._waiters: dict[int, list[Waiter]] = {}
         self._timers: dict[int, tuple[int, Waiter]] = {}
-        # Work held back until the staged log entries are durable.
-        self._out_replies: list[tuple[bytes, bytes]] = []
-        self._out_effects: list[tuple[int, Callable[[], Any]]] = []
-        self._out_events: list[tuple[Topic, dict[str, Any]]] = []
-        self._out_commands: list[Command] = []
+        # Work held back until the staged log entries are durable: this round's, and the round
+        # whose commit is in flight (at most one).
+        self._out = Outputs()
+        self._inflight: Outputs | None = None
+        self._dirty = False
         self.failed: str | None = None
+        self.bound = False
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=config.effect_workers, thread_name_prefix="agentlibos-effect"
         )
 
+    @staticmethod
+    def _create_actor_inbox() -> Any:
+        # The inbox also polls the kernel's ROUTER sockets: requests reach the decision on this
+        # thread with no hop, and pykka messages (effect results, timers) wake the same poll.
+        return KernelInbox()
+
     # --- actor lifecycle -----------------------------------------------------------------------
     def on_start(self) -> None:
-        self._sender = self._bus.sender()
+        self._committer = Committer(self.log, self._committed)
+        self._routers = RouterSet(self._ctx, self._endpoints)
         self._pub = Publisher(self._ctx, self._event_endpoints)
+        self.actor_inbox.attach(self._routers)
+        self.bound = True
         self._recover()
         self._stage("kernel.start", {"pid": os.getpid(), "world_root": str(self.config.world_root)})
         self._flush()
@@ -179,11 +185,16 @@ class Kernel(pykka.ThreadingActor):
         for _, w in list(self._timers.values()):
             if w.timer:
                 w.timer.cancel()
-        self._executor.shutdown(wait=False, cancel_futures=True)
         try:
-            self._flush()
+            self._committer.stop()
+            if self._inflight is not None:
+                self._release(self._inflight)
+                self._inflight = None
+            self._flush_now()
         finally:
-            self._sender.close()
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self.actor_inbox.detach()
+            self._routers.close()
             self._pub.close()
 
     def on_failure(self, *args: Any) -> None:  # pragma: no cover - on_receive never raises
@@ -217,6 +228,8 @@ class Kernel(pykka.ThreadingActor):
                 self._effect_done(message)
             elif isinstance(message, TimerFired):
                 self._timer_fired(message.key)
+            elif isinstance(message, Committed):
+                self._on_committed(message)
             elif isinstance(message, Inspect):
                 return message.fn(self)
         except Exception:  # the kernel keeps serving whatever one message did
@@ -235,46 +248,67 @@ class Kernel(pykka.ThreadingActor):
             entry = self.log.stage(kind, body, pid=pid, cause=cause, payload=payload)
         else:
             entry = self.log.stage(kind, body, pid=pid, cause=cause)
+        self._dirty = True
         return entry.seq
 
     def _flush(self) -> None:
+        """The inbox drained: start committing this round, unless a commit is already in flight
+        (then this round goes next, as soon as that one is durable)."""
+        if self._inflight is not None or not (self._out or self._dirty):
+            return
+        self._dirty = False
+        self._inflight, self._out = self._out, Outputs()
+        self._committer.commit()
+
+    def _committed(self, msg: Committed) -> None:
+        try:
+            self.actor_ref.tell(msg)
+        except pykka.ActorDeadError:
+            pass
+
+    def _on_committed(self, msg: Committed) -> None:
+        done, self._inflight = self._inflight, None
+        if msg.error and not self.failed:
+            self.failed = msg.error
+            log.error(msg.error)
+        if done is not None:
+            self._release(done)
+
+    def _flush_now(self) -> None:
+        """Synchronous commit of everything staged (shutdown)."""
         if not self.failed:
             try:
                 self.log.flush()
-            except LogWriteError as exc:
-                self.failed = f"the log cannot be written ({exc}); the kernel accepts no more syscalls"
-                log.error(self.failed)
             except Exception as exc:
-                self.failed = f"the log cannot be written ({exc!r}); the kernel accepts no more syscalls"
-                log.error(self.failed)
-        replies, self._out_replies = self._out_replies, []
-        effects, self._out_effects = self._out_effects, []
-        events, self._out_events = self._out_events, []
-        commands, self._out_commands = self._out_commands, []
+                self.failed = f"the log cannot be written ({exc}); the kernel accepts no more syscalls"
+        out, self._out = self._out, Outputs()
+        self._release(out)
+
+    def _release(self, out: Outputs) -> None:
+        send = self._routers.reply
         if self.failed:
-            # Nothing staged is durable: nothing may be acknowledged or run.
-            for conn, payload in replies:
-                rid = msgpack.unpackb(payload).get("id", 0)
-                self._sender.send(conn, Reply.failure(rid, "EIO", self.failed).encode())
-            for ticket, _ in effects:
-                p = self._pending.pop(ticket, None)
-                if p is not None:
-                    self._sender.send(p.conn, Reply.failure(p.rid, "EIO", self.failed).encode())
+            # Nothing of this round is known durable: nothing may be acknowledged or run.
+            for conn, rid, _frame in out.replies:
+                send(conn, Reply.failure(rid, "EIO", self.failed).encode())
+            for _ticket, _fn, conn, rid in out.effects:
+                send(conn, Reply.failure(rid, "EIO", self.failed).encode())
             return
-        for conn, payload in replies:
-            self._sender.send(conn, payload)
-        for ticket, fn in effects:
+        for conn, _rid, frame in out.replies:
+            send(conn, frame)
+        for ticket, fn, _conn, _rid in out.effects:
             self._executor.submit(self._run_effect, ticket, fn)
-        for topic, body in events:
-            self._pub.publish(topic, body)
-        for cmd in commands:
-            self._send_command(cmd)
+        if out.events:
+            self._pub.refresh()
+            for topic, body in out.events:
+                self._pub.publish(topic, body)
+        for conn, frame in out.commands:
+            send(conn, frame)
 
     def _reply(self, conn: bytes, reply: Reply) -> None:
-        self._out_replies.append((conn, reply.encode()))
+        self._out.replies.append((conn, reply.id, reply.encode()))
 
     def _event(self, topic: Topic, body: dict[str, Any]) -> None:
-        self._out_events.append((topic, body))
+        self._out.events.append((topic, body))
 
     def _run_effect(self, ticket: int, fn: Callable[[], Any]) -> None:
         try:
@@ -322,7 +356,7 @@ class Kernel(pykka.ThreadingActor):
             self._host_conn = conn
             backlog, self._host_backlog = self._host_backlog, []
             self._reply(conn, Reply(msg.id, True, {"role": "host"}))
-            self._out_commands.extend(backlog)
+            self._out.commands.extend((conn, c.encode()) for c in backlog)
             return
         pid = self._tokens.get(msg.token) if msg.role == "process" else None
         proc = self.procs.get(pid) if pid is not None else None
@@ -399,7 +433,15 @@ class Kernel(pykka.ThreadingActor):
             body["message"] = outcome.message
         if outcome.detail:
             body["detail"] = outcome.detail
-        seq = self._stage("sys", body, pid=proc.pid, cause=req.cause, payload=args, has_payload=True)
+        inline = allowed and outcome.effect is None and not outcome.parked
+        if inline:
+            # An effect on kernel state is atomic with its entry: one entry records the decision
+            # and the result, and nothing is visible outside before it is durable.
+            body["ok"] = True
+            seq = self._stage("sys", body, pid=proc.pid, cause=req.cause,
+                              payload={"args": args, "value": outcome.value}, has_payload=True)
+        else:
+            seq = self._stage("sys", body, pid=proc.pid, cause=req.cause, payload=args, has_payload=True)
         if cap is not None and allowed and cap.uses is not None:
             cap.uses -= 1
             self._stage("cap.use", {"cap": cap.id, "uses": cap.uses}, pid=proc.pid, cause=seq)
@@ -411,11 +453,11 @@ class Kernel(pykka.ThreadingActor):
         if outcome.effect is not None:
             self._tickets += 1
             self._pending[self._tickets] = Pending(conn, req.id, proc.pid, spec.name, seq, outcome.after)
-            self._out_effects.append((self._tickets, outcome.effect))
+            self._out.effects.append((self._tickets, outcome.effect, conn, req.id))
             return
         if outcome.parked:
             return
-        self._finish(conn, req.id, proc.pid, spec.name, seq, outcome.value, None)
+        self._reply(conn, Reply(req.id, True, outcome.value, seq=seq))
 
     def _finish(self, conn: bytes, rid: int, pid: int, sys: str, cause: int, value: Any, error: KernelError | None) -> None:
         body: dict[str, Any] = {"sys": sys, "ok": error is None}
@@ -813,13 +855,7 @@ class Kernel(pykka.ThreadingActor):
         if self._host_conn is None:
             self._host_backlog.append(cmd)
         else:
-            self._out_commands.append(cmd)
-
-    def _send_command(self, cmd: Command) -> None:
-        if self._host_conn is None:
-            self._host_backlog.append(cmd)
-        else:
-            self._sender.send(self._host_conn, cmd.encode())
+            self._out.commands.append((self._host_conn, cmd.encode()))
 
     def _exit(self, proc: Proc, status: str, result: Any, state: str = "exited") -> None:
         if proc.state not in LIVE:
@@ -914,6 +950,8 @@ class Kernel(pykka.ThreadingActor):
         proc = self._create_process(image, None, model, budget, bool(args.get("daemon")), args.get("input"), now)
         for g in grants:
             self._grant(proc.pid, g, now, seq)
+        if args.get("external"):
+            return {"pid": proc.pid, "token": proc.token}
         self._start_process(proc)
         return {"pid": proc.pid}
 

@@ -113,8 +113,9 @@ SYSCALLS: dict[str, SyscallSpec] = {
         # Operator requests: only connections that said hello with the operator token.
         _row("op.image.register", "name:str prompt:str? tools:list? model:str? budget:map? meta:map?", None, "", "",
              "op", "register or replace an AgentImage", "operator"),
-        _row("op.spawn", "image:str caps:list? budget:map? input:any? model:str? daemon:bool?", None, "", "", "op",
-             "start a root process with operator grants -> {pid}", "operator"),
+        _row("op.spawn", "image:str caps:list? budget:map? input:any? model:str? daemon:bool? external:bool?", None,
+             "", "", "op", "start a root process with operator grants -> {pid} (external: no host runs it; the "
+             "reply carries the token an outside client says hello with)", "operator"),
         _row("op.grant", "pid:int kind:str scope:map rights:list approval:str? expires_in_s:num? uses:int? name:str?",
              None, "", "", "op", "grant a capability to a process -> {handle, cap}", "operator"),
         _row("op.revoke", "pid:int? handle:str? cap:int?", None, "", "", "op",

@@ -17,8 +17,8 @@ from typing import Any
 import zmq
 
 from agentlibos.actors import ProcessHost, ScriptedModel, ToolObserver
-from agentlibos.bus import BusServer, EventStream, KernelClient, Topic, ipc_dir
-from agentlibos.kernel import Inbound, Inspect, Kernel, KernelConfig, ModelBackend
+from agentlibos.bus import BusError, EventStream, KernelClient, Topic, ipc_dir
+from agentlibos.kernel import Inspect, Kernel, KernelConfig, ModelBackend
 from agentlibos.storage import SQLiteLog
 
 
@@ -109,11 +109,17 @@ class Runtime:
             endpoints.append(self.endpoint)
             events.append(self.events_endpoint)
         self.log = SQLiteLog(self.state_dir / "log.db")
-        kernel_box: list[Any] = []
-        self.bus = BusServer(self.context, endpoints, lambda batch: kernel_box[0].tell(Inbound(batch)))
-        self.kernel = Kernel.start(self.config, self.log, self.context, self.bus, events, self.models)
-        kernel_box.append(self.kernel)
-        self.bus.start()
+        self.kernel = Kernel.start(self.config, self.log, self.context, endpoints, events, self.models)
+        try:
+            bound = self.kernel.ask(Inspect(lambda k: k.bound), timeout=30)
+        except Exception as exc:
+            bound, why = False, exc
+        else:
+            why = "its sockets could not be bound"
+        if not bound:
+            self.log.close()
+            self.context.term()
+            raise BusError(f"the kernel did not start: {why}")
         self._write_connection_file()
         self.host = ProcessHost(self.context, self.inproc_endpoint, self.config.host_token, observer=self._observer)
         self.host.start()
@@ -136,7 +142,6 @@ class Runtime:
             for c in self._clients:
                 c.close()
             self._clients.clear()
-        self.bus.stop()
         self.kernel.stop(timeout=10)
         self.log.close()
         self.context.term()
@@ -184,6 +189,16 @@ class Runtime:
         if model is not None:
             args["model"] = model
         return int(self.operator.call("op.spawn", args)["pid"])
+
+    def spawn_external(self, image: str, *, caps: Iterable[Grant | Mapping[str, Any]] = (),
+                       budget: Mapping[str, float] | None = None) -> tuple[int, str]:
+        """A process that no host runs: returns (pid, token) for a client that says hello with the
+        token (`client(token)`, or any ZeroMQ client speaking docs/protocol.md)."""
+        args: dict[str, Any] = {"image": image, "caps": [_grant_wire(g) for g in caps], "external": True}
+        if budget is not None:
+            args["budget"] = dict(budget)
+        v = self.operator.call("op.spawn", args)
+        return int(v["pid"]), str(v["token"])
 
     def send(self, pid: int, input: Any) -> None:
         self.operator.call("op.send", {"pid": pid, "input": input})

@@ -114,6 +114,7 @@ class SQLiteLog(LogBackend):
         self._path = os.fspath(path)
         self._readonly = readonly
         self._lock = threading.RLock()
+        self._flush_lock = threading.Lock()
         self._staged: list[tuple[Any, ...]] = []
         self._staged_proj: list[tuple[int, str, Any]] = []
         self._failed: BaseException | None = None
@@ -282,11 +283,15 @@ class SQLiteLog(LogBackend):
 
     def flush(self) -> int:
         """Write every staged entry, its payload, the projections and the head in one commit."""
-        with self._lock:
-            self._check_writable()
-            if not self._staged:
-                return 0
-            rows, proj, tip = self._staged, self._staged_proj, self._tip
+        # Staging goes on while a batch is written (the kernel overlaps its work with the fsync);
+        # flushes themselves are serialized so batches land in seq order.
+        with self._flush_lock:
+            with self._lock:
+                self._check_writable()
+                if not self._staged:
+                    return 0
+                rows, proj, tip = self._staged, self._staged_proj, self._tip
+                self._staged, self._staged_proj = [], []
 
             def work(conn: sqlite3.Connection) -> int:
                 conn.executemany(_INSERT, rows)
@@ -295,9 +300,15 @@ class SQLiteLog(LogBackend):
                     apply_entries(conn, proj)
                 return len(rows)
 
-            n = self._write(work)
-            self._staged, self._staged_proj = [], []
-            self._head = tip
+            try:
+                n = self._write(work)
+            except BaseException:
+                with self._lock:
+                    self._staged.clear()
+                    self._staged_proj.clear()
+                raise
+            with self._lock:
+                self._head = tip
             return n
 
     def apply_retention(self, policy: RetentionPolicy, now: float | None = None) -> int:

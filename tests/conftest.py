@@ -25,6 +25,3 @@ def runtime(tmp_path: Path) -> Iterator[Runtime]:
         yield rt
 
 
-def process_client(rt: Runtime, pid: int):  # type: ignore[no-untyped-def]
-    token = rt.inspect(lambda k: k.procs[pid].token)
-    return rt.client(token)

@@ -40,17 +40,15 @@ def test_raw_dealer_drives_a_syscall(tmp_path: Path) -> None:
             r = _rpc(op, {"v": 1, "t": "req", "id": 2, "sys": "op.image.register", "args": {"name": "raw"}})
             assert r["ok"], r
             r = _rpc(op, {"v": 1, "t": "req", "id": 3, "sys": "op.spawn", "args": {
-                "image": "raw", "daemon": True,
+                "image": "raw", "external": True,
                 "caps": [{"kind": "fs", "scope": {"root": "ws"}, "rights": ["read"], "name": "ws"}]}})
             assert r["ok"], r
-            pid = r["value"]["pid"]
-            # The process token reaches a process host; a test reads it from the kernel.
-            token = rt.inspect(lambda k: k.procs[pid].token)
+            pid, token = r["value"]["pid"], r["value"]["token"]
             proc.connect(conn["endpoint"])
             r = _rpc(proc, {"v": 1, "t": "hello", "id": 1, "token": token, "role": "process"})
             assert r["ok"] and r["value"]["pid"] == pid
             r = _rpc(proc, {"v": 1, "t": "req", "id": 2, "sys": "fs.read", "args": {"path": "ws/a.txt"}, "cap": None})
-            assert r["ok"] and r["value"] == {"text": "hello"} and isinstance(r["seq"], int)
+            assert r["ok"] and r["value"] == {"text": "hello"} and isinstance(r["seq"], int), r
             r = _rpc(proc, {"v": 1, "t": "req", "id": 3, "sys": "fs.write", "args": {"path": "ws/a.txt", "data": "x"}})
             assert not r["ok"] and r["error"]["code"] == "EPERM"
             r = _rpc(proc, {"v": 1, "t": "req", "id": 4, "sys": "no.such", "args": {}})
