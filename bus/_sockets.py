@@ -120,7 +120,7 @@ class Publisher:
         self._subs: dict[bytes, int] = {}
 
     def _update_subscriptions(self) -> None:
-        while True:
+        while self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             try:
                 msg = self._sock.recv(zmq.NOBLOCK)
             except zmq.Again:

@@ -40,6 +40,9 @@ class BudgetNode:
     # What this node reserved on its ancestors, returned when it is released.
     reserved_from: dict[str, BudgetNode] = field(default_factory=dict)
     released: bool = False
+    # A node whose process exited stays open while live descendants still draw on it.
+    exited: bool = False
+    live_children: int = 0
 
     def drawing_node(self, dim: str) -> BudgetNode | None:
         node: BudgetNode | None = self
@@ -58,10 +61,15 @@ class BudgetNode:
         return node.limits[dim] - node.used.get(dim, 0.0)
 
     def check(self, charges: Mapping[str, float], now: float) -> str | None:
-        """The first dimension that cannot take its charge (or whose deadline passed), else None."""
-        wall = self.remaining("wall_s", now)
-        if wall is not None and wall <= 0:
-            return "wall_s"
+        """The first dimension that cannot take its charge (or whose deadline passed), else None.
+
+        Every deadline on the path to the root applies: a child never outlives an ancestor's."""
+        node: BudgetNode | None = self
+        while node is not None:
+            limit = node.limits.get("wall_s")
+            if limit is not None and now - node.started >= limit:
+                return "wall_s"
+            node = node.parent
         for dim, amount in charges.items():
             rem = self.remaining(dim, now)
             if rem is not None and (rem < amount or rem <= 0):
@@ -114,14 +122,23 @@ class BudgetTree:
                 src.used[dim] = src.used.get(dim, 0.0) + amount
                 node.reserved_from[dim] = src
         self.nodes[pid] = node
+        if parent is not None:
+            parent.live_children += 1
         return node
 
     def release(self, pid: int) -> None:
-        """A process exited: what it left unspent of each reservation returns to where it came from."""
+        """A process exited: what it left unspent of each reservation returns to where it came
+        from, once no live descendant draws on its node any more."""
         node = self.nodes.get(pid)
-        if node is None or node.released:
+        if node is None or node.exited:
             return
-        node.released = True
-        for dim, src in node.reserved_from.items():
-            unspent = max(0.0, node.limits[dim] - node.used.get(dim, 0.0))
-            src.used[dim] = src.used.get(dim, 0.0) - unspent
+        node.exited = True
+        while node is not None and node.exited and node.live_children == 0 and not node.released:
+            node.released = True
+            for dim, src in node.reserved_from.items():
+                unspent = max(0.0, node.limits[dim] - node.used.get(dim, 0.0))
+                src.used[dim] = src.used.get(dim, 0.0) - unspent
+            parent = node.parent
+            if parent is not None:
+                parent.live_children -= 1
+            node = parent

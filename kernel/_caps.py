@@ -333,13 +333,15 @@ class CapTable:
         self.records: dict[int, CapRecord] = {}
         self.handles: dict[int, dict[str, int]] = {}
         self._next_handle: dict[int, int] = {}
+        self._used_names: dict[int, set[str]] = {}
         self._next_id = 1
 
     # handles ---------------------------------------------------------------------------------
     def new_handle(self, pid: int) -> str:
+        """The next `cN` this process has never held (handles are never reused in a process)."""
         n = self._next_handle.get(pid, 1)
-        table = self.handles.setdefault(pid, {})
-        while f"c{n}" in table:
+        used = self._used_names.setdefault(pid, set())
+        while f"c{n}" in used:
             n += 1
         self._next_handle[pid] = n + 1
         return f"c{n}"
@@ -377,8 +379,8 @@ class CapTable:
             handle = self.new_handle(holder)
         elif not isinstance(handle, str) or not handle or len(handle) > 64:
             raise KernelError("EINVAL", "a handle name is a non-empty string of at most 64 characters")
-        elif handle in table:
-            raise KernelError("EEXIST", f"handle {handle!r} is already held")
+        elif handle in table or handle in self._used_names.get(holder, ()):
+            raise KernelError("EEXIST", f"handle {handle!r} is or was held by this process (handles are never reused)")
         rec = CapRecord(
             id=self._next_id,
             holder=holder,
@@ -396,6 +398,7 @@ class CapTable:
         self._next_id += 1
         self.records[rec.id] = rec
         table[handle] = rec.id
+        self._used_names.setdefault(holder, set()).add(handle)
         if parent is not None:
             self.records[parent].children.append(rec.id)
         return rec

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import os
+import select
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -40,11 +41,26 @@ class KernelInbox:
     def attach(self, routers: RouterSet) -> None:
         """Called on the kernel's thread once its sockets exist."""
         self._routers = routers
+        self._epoll = select.epoll()
+        self._epoll.register(self._efd, select.EPOLLIN)
         for sock in routers.sockets:
             self._poller.register(sock, zmq.POLLIN)
+            self._epoll.register(sock.getsockopt(zmq.FD), select.EPOLLIN)
+
+    def linger(self, seconds: float) -> bool:
+        """Wait up to `seconds` (sub-millisecond) for input; True if some may have arrived.
+
+        ZeroMQ's poll counts in milliseconds; its sockets' notification fds under epoll give the
+        finer wait the kernel's group commit needs.
+        """
+        if self._routers is None or not self.empty():
+            return True
+        self._epoll.poll(seconds)
+        return not self.empty()
 
     def detach(self) -> None:
         if self._routers is not None:
+            self._epoll.close()
             for sock in self._routers.sockets:
                 self._poller.unregister(sock)
             self._routers = None
@@ -82,9 +98,10 @@ class KernelInbox:
                 return False
         if self._routers is None:
             return True
-        readable = dict(self._poller.poll(0))
-        readable.pop(self._efd, None)
-        return not readable
+        for sock in self._routers.sockets:
+            if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                return False
+        return True
 
     def close(self) -> None:
         os.close(self._efd)
