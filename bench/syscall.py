@@ -10,7 +10,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import statistics
 import sys
 import tempfile
 import threading

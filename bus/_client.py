@@ -57,7 +57,7 @@ class KernelClient:
     ) -> Reply:
         rid = next(self._ids)
         self._sock.send(Request(id=rid, sys=sys, args=args or {}, cap=cap, cause=cause).encode())
-        return self._wait(rid, self.timeout_s if timeout_s is False else timeout_s)  # type: ignore[arg-type]
+        return self._wait(rid, self.timeout_s if timeout_s is False else timeout_s)
 
     def call(self, sys: str, args: dict[str, Any] | None = None, **kw: Any) -> Any:
         """Make a syscall and return its value; a refusal or failure raises KernelError."""

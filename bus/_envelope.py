@@ -6,7 +6,7 @@ docs/protocol.md is the normative description; this module is its Python impleme
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import msgpack
 
@@ -105,7 +105,7 @@ class Command:
         return pack({"v": WIRE_VERSION, "t": "cmd", "op": self.op, "pid": self.pid, "body": self.body})
 
 
-Message = Union[Hello, Request, Reply, Command]
+Message = Hello | Request | Reply | Command
 
 
 def _field(msg: dict[str, Any], name: str, types: type | tuple[type, ...], *, optional: bool = False) -> Any:

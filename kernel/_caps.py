@@ -62,7 +62,7 @@ def _type_ok(value: Any, t: str) -> bool:
     if t == "str":
         return isinstance(value, str)
     if t == "num":
-        return isinstance(value, numbers.Real) and not isinstance(value, bool) and value >= 0
+        return isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value) >= 0
     if t == "str|int":
         return isinstance(value, (str, int)) and not isinstance(value, bool)
     if t == _LIST:

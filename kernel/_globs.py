@@ -347,11 +347,11 @@ def _find_path(
     queue = deque([start])
     while queue:
         state = queue.popleft()
-        accepted = tuple(bool(s & n.accepts) for s, n in zip(state, nfas))
+        accepted = tuple(bool(s & n.accepts) for s, n in zip(state, nfas, strict=False))
         if accepted[-1] and bad(accepted[:-1]):
             return _witness(state, parents, literals)
         for symbol in alphabet:
-            nxt = tuple(n.step(s, symbol) for s, n in zip(state, nfas))
+            nxt = tuple(n.step(s, symbol) for s, n in zip(state, nfas, strict=False))
             if not nxt[0] or not nxt[-1] or nxt in parents:
                 continue
             parents[nxt] = (state, symbol)

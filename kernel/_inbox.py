@@ -45,7 +45,7 @@ class KernelInbox:
         self._epoll.register(self._efd, select.EPOLLIN)
         for sock in routers.sockets:
             self._poller.register(sock, zmq.POLLIN)
-            self._epoll.register(sock.getsockopt(zmq.FD), select.EPOLLIN)
+            self._epoll.register(int(sock.getsockopt(zmq.FD)), select.EPOLLIN)
 
     def linger(self, seconds: float) -> bool:
         """Wait up to `seconds` (sub-millisecond) for input; True if some may have arrived.
@@ -99,7 +99,7 @@ class KernelInbox:
         if self._routers is None:
             return True
         for sock in self._routers.sockets:
-            if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            if int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                 return False
         return True
 

@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 import pykka
@@ -176,10 +176,14 @@ class Kernel(pykka.ThreadingActor):
         return KernelInbox()
 
     # --- actor lifecycle -----------------------------------------------------------------------
+    @property
+    def _inbox(self) -> KernelInbox:
+        return cast(KernelInbox, self.actor_inbox)
+
     def on_start(self) -> None:
         self._routers = RouterSet(self._ctx, self._endpoints)
         self._pub = Publisher(self._ctx, self._event_endpoints)
-        self.actor_inbox.attach(self._routers)
+        self._inbox.attach(self._routers)
         self.bound = True
         self._recover()
         self._stage("kernel.start", {"pid": os.getpid(), "world_root": str(self.config.world_root)})
@@ -193,7 +197,7 @@ class Kernel(pykka.ThreadingActor):
             self._flush()
         finally:
             self._executor.shutdown(wait=False, cancel_futures=True)
-            self.actor_inbox.detach()
+            self._inbox.detach()
             self._routers.close()
             self._pub.close()
 
@@ -251,7 +255,7 @@ class Kernel(pykka.ThreadingActor):
         expected = any(t > now - ACTIVE_WINDOW_S and conn not in in_round for conn, t in self._recent.items())
         if not expected:
             return False
-        return bool(self.actor_inbox.linger(left))
+        return self._inbox.linger(left)
 
     # --- log, replies, group commit ------------------------------------------------------------
     def _stage(self, kind: str, body: dict[str, Any], *, pid: int | None = None, cause: int | None = None,
@@ -572,7 +576,7 @@ class Kernel(pykka.ThreadingActor):
                     raise err from None
             raise
         res, pathset = state.pop("res")
-        detail = {"path": "/".join(x for x in (cap.scope["root"], res.rel) if x)}
+        detail: dict[str, Any] = {"path": "/".join(x for x in (cap.scope["root"], res.rel) if x)}
         cfg = self.config
         if op == "read":
             return Outcome.allow(cap, effect=_closing(res, lambda: _fsops.read(res, max_bytes=cfg.fs_max_read_bytes)), detail=detail)
@@ -968,7 +972,8 @@ class Kernel(pykka.ThreadingActor):
         proc = self.procs.get(args["pid"])
         if proc is None or proc.state not in LIVE:
             raise KernelError("ENOENT", f"no live process {args['pid']}")
-        g = {k: args[k] for k in ("kind", "scope", "rights", "approval", "expires_in_s", "uses") if k in args}
+        g: dict[str, Any] = {k: args[k] for k in ("kind", "scope", "rights", "approval", "expires_in_s", "uses")
+                             if k in args}
         if "name" in args:
             g["name"] = args["name"]
         rec = self._grant(proc.pid, g, _now(), seq)

@@ -9,7 +9,7 @@ import hashlib
 import threading
 from typing import Any
 
-import msgpack  # type: ignore[import-untyped]
+import msgpack
 
 __all__ = ["canonical", "canonical_pair", "digest", "pack_record_head"]
 
@@ -24,7 +24,8 @@ def _pack(obj: Any) -> bytes:
     except AttributeError:
         pack = _tls.pack = msgpack.Packer(use_bin_type=True).pack
     try:
-        return pack(obj)  # type: ignore[no-any-return]
+        out: bytes = pack(obj)
+        return out
     except OverflowError as exc:
         raise TypeError(f"canonical: int out of msgpack range ({exc})") from None
 

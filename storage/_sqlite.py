@@ -14,7 +14,7 @@ import urllib.parse
 from collections.abc import Callable, Collection, Iterator
 from typing import Any, Final
 
-import msgpack  # type: ignore[import-untyped]
+import msgpack
 import sqlite_utils
 
 from agentlibos.bus._errors import LogCorruptError, LogWriteError, StorageError

@@ -22,7 +22,7 @@ def _rpc(sock: zmq.Socket, msg: dict) -> dict:  # type: ignore[type-arg]
 def test_raw_dealer_drives_a_syscall(tmp_path: Path) -> None:
     (tmp_path / "world" / "ws").mkdir(parents=True)
     (tmp_path / "world" / "ws" / "a.txt").write_text("hello")
-    with Runtime(tmp_path / "state", world_root=tmp_path / "world") as rt:
+    with Runtime(tmp_path / "state", world_root=tmp_path / "world"):
         conn = json.loads((tmp_path / "state" / "connection.json").read_text())
         assert conn["endpoint"].startswith("ipc://")
         ctx = zmq.Context()
