@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -44,6 +45,12 @@ def main() -> None:
 # --- run ---------------------------------------------------------------------------------------
 
 
+def _step_source(scenario: Any, process: str, index: int) -> dict[str, Any]:
+    steps = ([s.raw for s in scenario.script] if process == "root"
+             else scenario.images.get(process, {}).get("script", []))
+    return dict(steps[index]) if index < len(steps) else {}
+
+
 def _fmt_args(args: Any, limit: int = 48) -> str:
     text = json.dumps(args, ensure_ascii=False, default=str)
     return text if len(text) <= limit else text[: limit - 1] + "…"
@@ -69,24 +76,19 @@ def run(file: str, state: str, json_out: str | None) -> None:
     Path(state).mkdir(parents=True, exist_ok=True)
     console.print(f"[bold]{escape(scenario.id)}[/bold]: {escape(scenario.title)}")
     started = time.monotonic()
-    result = run_libos(scenario, keep_state=str(Path(state) / "runs" / f"{scenario.id}-{int(time.time())}"))
-    steps_by_key = {(s.process, s.index): s for s in result.steps}
-    table = Table(show_lines=False)
-    for col in ("seq", "process", "step", "tool call", "expect", "decision", "cap", "result", ""):
-        table.add_column(col)
+    result = run_libos(scenario, keep_state=str(Path(state) / "runs" / f"{scenario.id}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"))
     for s in result.steps:
-        step_src = (scenario.script[s.index].raw if s.process == "root" and s.index < len(scenario.script)
-                    else scenario.images.get(s.process, {}).get("script", [{}] * (s.index + 1))[s.index])
-        decision = {"allowed": "[green]allow[/green]", "denied": "[red]deny[/red]", "failed": "[yellow]allow[/yellow]",
-                    "not_reached": "[dim]-[/dim]"}[s.outcome]
-        res = "ok" if s.outcome == "allowed" else (s.code or s.outcome)
+        step_src = _step_source(scenario, s.process, s.index)
+        decision = {"allowed": "[green]allow[/green]", "denied": "[red]deny[/red]",
+                    "failed": "[yellow]fail[/yellow]", "not_reached": "[dim]not reached[/dim]"}[s.outcome]
+        by = f" by [bold]{escape(s.cap)}[/bold]" if s.cap else ""
+        res = "ok" if s.outcome == "allowed" else (s.code or "")
         if s.message:
-            res += f": {s.message}"
-        table.add_row(str(s.seq or ""), escape(s.process), str(s.index),
-                      escape(f"{s.tool} {_fmt_args(step_src.get('args', {}))}"), s.expect or "", decision,
-                      escape(s.cap or ""), escape(res[:70]), "[green]✓[/green]" if s.ok else "[red]✗[/red]")
-    del steps_by_key
-    console.print(table)
+            res += f" ({escape(s.message)})"
+        mark = "[green]✓[/green]" if s.ok else "[red]✗ expected " + escape(str(s.expect)) + "[/red]"
+        console.print(f"[dim]{s.seq or '':>5}[/dim] {escape(s.process)}#{s.index} [cyan]{escape(s.tool)}[/cyan] "
+                      f"{escape(_fmt_args(step_src.get('args', {}), 90))}")
+        console.print(f"      {decision}{by} -> {res}  {mark}")
     for name, ok, why in result.checks:
         console.print(f"  check {escape(name)}: {'[green]holds[/green]' if ok else '[red]fails[/red] (' + escape(why) + ')'}")
     for leak in result.leaks:

@@ -232,8 +232,7 @@ def run_libos(scenario: Scenario, *, keep_state: str | None = None,
                 on_step(s)
         return result
     finally:
-        if keep_state is None:
-            world.cleanup()
+        world.cleanup()
 
 
 def _register(rt: Runtime, scenario: Scenario) -> None:

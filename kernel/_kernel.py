@@ -493,7 +493,7 @@ class Kernel(pykka.ThreadingActor):
 
     # --- capability lookup ---------------------------------------------------------------------
     def _authorize(self, proc: Proc, kind: str, handle: str | None, now: float,
-                   covers: Callable[[CapRecord], bool]) -> CapRecord:
+                   covers: Callable[[CapRecord], bool], what: str = "this") -> CapRecord:
         """The held capability that authorizes this; deny with the most telling code otherwise."""
         if handle is not None:
             cap = self.caps.by_handle(proc.pid, handle)
@@ -505,7 +505,7 @@ class Kernel(pykka.ThreadingActor):
             if code is not None:
                 raise KernelError(code, f"{handle} is {'revoked' if code == 'EREVOKED' else 'expired or used up'}")
             if not covers(cap):
-                raise KernelError("EPERM", f"{handle} does not authorize this")
+                raise KernelError("EPERM", f"{handle} does not authorize {what}")
             return cap
         dead: str | None = None
         for cap in self.caps.held(proc.pid):
@@ -519,8 +519,9 @@ class Kernel(pykka.ThreadingActor):
                 continue
             return cap
         if dead is not None:
-            raise KernelError(dead, f"the {kind} capability that covered this is {'revoked' if dead == 'EREVOKED' else 'expired or used up'}")
-        raise KernelError("EPERM", f"no held {kind} capability authorizes this")
+            raise KernelError(dead, f"the {kind} capability that covered {what} is "
+                                    f"{'revoked' if dead == 'EREVOKED' else 'expired or used up'}")
+        raise KernelError("EPERM", f"no held {kind} capability authorizes {what}")
 
     # --- providers: fs -------------------------------------------------------------------------
     def _sys_fs(self, proc: Proc, spec: SyscallSpec, args: dict[str, Any], handle: str | None, now: float) -> Outcome:
@@ -564,7 +565,7 @@ class Kernel(pykka.ThreadingActor):
             return True
 
         try:
-            cap = self._authorize(proc, "fs", handle, now, covers)
+            cap = self._authorize(proc, "fs", handle, now, covers, f"{spec.name} of {args['path']!r}")
         except KernelError as exc:
             held = state.pop("res", None)
             if held is not None:
@@ -677,7 +678,7 @@ class Kernel(pykka.ThreadingActor):
             return True
 
         try:
-            cap = self._authorize(proc, "shell", handle, now, covers)
+            cap = self._authorize(proc, "shell", handle, now, covers, f"running {argv[0]!r} with these arguments in this cwd")
         except KernelError as exc:
             if exc.code == "EPERM" and "timeout" in found:
                 raise KernelError("EPERM", f"timeout_s {want_timeout:g} exceeds the capability's {found['timeout']:g}") from None
@@ -696,7 +697,8 @@ class Kernel(pykka.ThreadingActor):
         ns = args.get("ns") or "self"
         right = spec.rights[0]
         cap = self._authorize(proc, "memory", handle, now,
-                              lambda c: c.scope["namespace"] == ns and right in c.rights)
+                              lambda c: c.scope["namespace"] == ns and right in c.rights,
+                              f"{spec.name} in namespace {ns!r}")
         store_key = f"self:{cap.holder}" if ns == "self" else f"ns:{ns}"
         if ns == "self":
             # A `self` cap names the namespace of the process it was granted to.
@@ -755,7 +757,8 @@ class Kernel(pykka.ThreadingActor):
                 return False
             return True
 
-        cap = self._authorize(proc, "llm", handle, now, covers)
+        cap = self._authorize(proc, "llm", handle, now, covers, f"model {model!r}" +
+                              (f" with max_tokens {max_tokens}" if max_tokens else ""))
         backend = self._backend(model)
         if backend is None:
             raise KernelError("EINVAL", f"no model backend serves {model!r}")
