@@ -16,7 +16,7 @@ from rich.table import Table
 
 from agentlibos.bus import ScenarioError, StorageError
 from agentlibos.harness import SYSTEMS, RunResult, load_scenario, report, run_bench, run_libos, scenario_paths, summarize
-from agentlibos.storage import LogEntry, SQLiteLog
+from agentlibos.storage import LogEntry, RetentionPolicy, SQLiteLog
 
 DEFAULT_STATE = ".agentlibos"
 console = Console(highlight=False)
@@ -207,6 +207,32 @@ def log_verify(state: str) -> None:
         return
     console.print(f"[red]corrupt[/red] at seq {rep.first_bad_seq}: {escape(rep.reason or '')} ({escape(str(path))})")
     sys.exit(1)
+
+
+@log_group.command("retain")
+@state_option
+@click.option("--mode", type=click.Choice(["digest", "purge_after"]), required=True,
+              help="digest: drop every payload, keep digests; purge_after: drop payloads older than --days.")
+@click.option("--days", type=float, help="Age in days for purge_after.")
+def log_retain(state: str, mode: str, days: float | None) -> None:
+    """Apply a retention policy: drop stored payloads (file contents, prompts, model output).
+
+    The hash chain covers only the payloads' digests, so `log verify` still passes afterwards.
+    Run it on a log no kernel is writing.
+    """
+    if mode == "purge_after" and days is None:
+        err.print("[red]error:[/red] --mode purge_after needs --days N")
+        sys.exit(2)
+    path = _latest_log(state)
+    try:
+        with SQLiteLog(path) as log:
+            n = log.apply_retention(RetentionPolicy(mode, days))  # type: ignore[arg-type]
+            ok = log.verify().ok
+    except StorageError as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}")
+        sys.exit(1)
+    console.print(f"dropped {n} payloads from {escape(str(path))}; verify: {'ok' if ok else 'FAILED'}")
+    sys.exit(0 if ok else 1)
 
 
 # --- explain -----------------------------------------------------------------------------------

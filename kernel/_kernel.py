@@ -109,6 +109,7 @@ class Pending:
     sys: str
     decision_seq: int
     charge_after: Callable[[Any], None] | None = None
+    started: float = field(default_factory=time.monotonic)
 
 
 @dataclass(slots=True)
@@ -489,6 +490,15 @@ class Kernel(pykka.ThreadingActor):
             return
         if p.charge_after is not None and msg.error is None:
             p.charge_after(msg.value)
+        if p.sys == "llm.complete":
+            usage = msg.value.get("usage", {}) if msg.error is None and isinstance(msg.value, dict) else {}
+            self._event(Topic.llm(), {
+                "pid": p.pid, "seq": p.decision_seq, "model": (msg.value or {}).get("model") if msg.error is None else None,
+                "input_tokens": usage.get("input_tokens", 0), "output_tokens": usage.get("output_tokens", 0),
+                "latency_s": round(time.monotonic() - p.started, 6),
+                "stop_reason": msg.value.get("stop_reason") if msg.error is None else None,
+                "error": msg.error.code if msg.error else None,
+            })
         self._finish(p.conn, p.rid, p.pid, p.sys, p.decision_seq, msg.value, msg.error)
 
     # --- capability lookup ---------------------------------------------------------------------
