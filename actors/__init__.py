@@ -1,6 +1,7 @@
 """Agents as actors: the AgentProcess, the process host that runs them, and model adapters."""
 
 from agentlibos.actors._host import ProcessHost
+from agentlibos.actors._jit import JitResult, JitRunner, JitSourceError, validate_source
 from agentlibos.actors._messages import Input, ProcessSpec, Stop
 from agentlibos.actors._process import AgentProcess, ToolObserver
 from agentlibos.actors._scripted import END_TURN, ModelTurn, ScriptedModel
@@ -10,6 +11,9 @@ __all__ = [
     "AgentProcess",
     "END_TURN",
     "Input",
+    "JitResult",
+    "JitRunner",
+    "JitSourceError",
     "ModelTurn",
     "ProcessHost",
     "ProcessSpec",
@@ -18,4 +22,5 @@ __all__ = [
     "ToolObserver",
     "syscall_for",
     "tool_definitions",
+    "validate_source",
 ]

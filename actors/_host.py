@@ -12,6 +12,7 @@ from typing import Any
 import pykka
 import zmq
 
+from agentlibos.actors._jit import JitRunner
 from agentlibos.actors._messages import Input, ProcessSpec, Stop
 from agentlibos.actors._process import AgentProcess, ToolObserver
 from agentlibos.bus import Command, Hello, ProtocolError, Reply, decode
@@ -27,8 +28,11 @@ class ProcessHost:
         host_token: str,
         *,
         observer: ToolObserver | None = None,
+        jit_options: dict[str, Any] | None = None,
     ) -> None:
         self._ctx = context
+        self._jit: JitRunner | None = None
+        self._jit_options = dict(jit_options or {})
         self._endpoint = endpoint
         self._token = host_token
         self.observer = observer
@@ -39,6 +43,15 @@ class ProcessHost:
         self._error: str | None = None
         self._thread = threading.Thread(target=self._run, name="agentlibos-host", daemon=True)
         self._control = f"inproc://agentlibos-host-{id(self)}"
+
+    def jit_runner(self) -> JitRunner:
+        """The host's Deno runner for JIT tools, started on first use and shared by its processes."""
+        with self._lock:
+            if self._jit is None:
+                runner = JitRunner(**self._jit_options)
+                runner.start()
+                self._jit = runner
+            return self._jit
 
     def start(self) -> None:
         self._thread.start()
@@ -61,6 +74,9 @@ class ProcessHost:
                 ref.stop(block=False)
             except pykka.ActorDeadError:
                 pass
+        if self._jit is not None:
+            self._jit.close()
+            self._jit = None
 
     def _run(self) -> None:
         sock = self._ctx.socket(zmq.DEALER)
@@ -106,9 +122,10 @@ class ProcessHost:
             spec = ProcessSpec(
                 pid=cmd.pid, ppid=b.get("ppid"), token=b["token"], image=b.get("image", ""), model=b.get("model", ""),
                 prompt=b.get("prompt", ""), tools=tuple(b.get("tools") or ()), input=b.get("input"),
-                daemon=bool(b.get("daemon")),
+                daemon=bool(b.get("daemon")), jit_tools=dict(b.get("jit_tools") or {}),
             )
-            ref = AgentProcess.start(spec, self._endpoint, self._ctx, observer=self.observer, on_exit=self._gone)
+            ref = AgentProcess.start(spec, self._endpoint, self._ctx, observer=self.observer, on_exit=self._gone,
+                                     jit=self.jit_runner)
             with self._lock:
                 self.actors[cmd.pid] = ref
         elif cmd.op == "deliver":

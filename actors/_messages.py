@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -33,3 +34,4 @@ class ProcessSpec:
     tools: tuple[str, ...]
     input: Any = None
     daemon: bool = False
+    jit_tools: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)

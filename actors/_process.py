@@ -12,6 +12,7 @@ from typing import Any, Protocol
 import pykka
 import zmq
 
+from agentlibos.actors._jit import JitRunner
 from agentlibos.actors._messages import Input, ProcessSpec, Stop
 from agentlibos.actors._tools import syscall_for, tool_definitions
 from agentlibos.bus import BusError, KernelClient, KernelError, Reply
@@ -50,6 +51,7 @@ class AgentProcess(pykka.ThreadingActor):
         *,
         observer: ToolObserver | None = None,
         on_exit: Callable[[int], None] | None = None,
+        jit: Callable[[], JitRunner] | None = None,
     ) -> None:
         super().__init__()
         self.spec = spec
@@ -57,6 +59,10 @@ class AgentProcess(pykka.ThreadingActor):
         self.state = "embryo"
         self.messages: list[dict[str, Any]] = []
         self.tools = spec.tools
+        # Affordances the process grew at run time: JIT tools and Skill instructions.
+        self.jit_tools: dict[str, dict[str, Any]] = {k: dict(v) for k, v in spec.jit_tools.items()}
+        self.instructions: list[str] = []
+        self._jit = jit
         self._endpoint = endpoint
         self._ctx = context
         self._observer = observer
@@ -86,7 +92,7 @@ class AgentProcess(pykka.ThreadingActor):
             status, result = "ok", None
             try:
                 status, result = self._turn(message.content)
-            except (BusError, KernelError) as exc:
+            except (BusError, KernelError, zmq.ZMQError) as exc:
                 status, result = "error", str(exc)
             except Exception as exc:  # an agent bug ends the agent, not the host
                 log.exception("process %s failed", self.pid)
@@ -108,8 +114,8 @@ class AgentProcess(pykka.ThreadingActor):
         for _ in range(MAX_TURN_STEPS):
             reply = self._call("llm.complete", {
                 "messages": self.messages,
-                "tools": tool_definitions(self.tools),
-                "system": self.spec.prompt,
+                "tools": self._tool_definitions(),
+                "system": "\n\n".join([self.spec.prompt, *self.instructions]).strip(),
             }, from_turn=False)
             if not reply.ok:
                 assert reply.error is not None
@@ -135,14 +141,59 @@ class AgentProcess(pykka.ThreadingActor):
         raw = call.get("input") or {}
         args = dict(raw) if isinstance(raw, dict) else {}
         cap = args.pop("cap", None)
-        if name not in self.tools:
+        if name in self.jit_tools:
+            reply = self._run_jit(name, self.jit_tools[name], raw)
+        elif name not in self.tools:
             reply = Reply.failure(0, "ENOSYS", f"tool {name!r} is not in this process's tool table")
         else:
             reply = self._call(syscall_for(name), args, cap=cap if isinstance(cap, str) else None)
+            if reply.ok:
+                self._grow(name, args, reply.value)
         if self._observer is not None:
             self._observer.tool_result(self.pid, self.spec.image, call, reply)
         return {"type": "tool_result", "tool_use_id": call.get("id", ""), "content": _result_text(reply),
                 "is_error": not reply.ok}
+
+    def _tool_definitions(self) -> list[dict[str, Any]]:
+        return tool_definitions(self.tools) + [
+            {"name": n, "description": t.get("description", ""), "input_schema": t.get("input_schema") or {"type": "object"}}
+            for n, t in sorted(self.jit_tools.items())
+        ]
+
+    def _grow(self, tool: str, args: dict[str, Any], value: Any) -> None:
+        """Affordance changes the kernel accepted: they change what the model sees, nothing else."""
+        if tool == "tool_define":
+            self.jit_tools[args["name"]] = {"description": args.get("description", ""),
+                                            "input_schema": args.get("input_schema") or {"type": "object"},
+                                            "source": args["source"]}
+        elif tool == "tool_remove":
+            self.jit_tools.pop(args.get("name", ""), None)
+        elif tool == "skill_load" and isinstance(value, dict):
+            for t in value.get("tools", []):
+                self.jit_tools[t["name"]] = {k: t[k] for k in ("description", "input_schema", "source")}
+            if value.get("instructions"):
+                self.instructions.append(str(value["instructions"]))
+
+    def _run_jit(self, name: str, tool: dict[str, Any], input: Any) -> Reply:
+        """Run a JIT tool in the Deno sandbox; its only way out is sys.call, made as this process."""
+        if self._jit is None:
+            return Reply.failure(0, "ENOSYS", "this process host runs no JIT tools")
+        pre = self._call("proc.account", {"jit_ms": 0, "tool": name})
+        if not pre.ok:
+            return pre
+
+        def sys_call(sys: str, args: dict[str, Any]) -> tuple[bool, Any, str | None, str]:
+            r = self._call(sys, args if isinstance(args, dict) else {})
+            return (r.ok, r.value, r.error.code if r.error else None, r.error.message if r.error else "")
+
+        try:
+            res = self._jit().call(tool["source"], input, sys_call)
+        except Exception as exc:  # the runner could not run it at all
+            return Reply.failure(0, "EIO", f"JIT runner failed: {exc}")
+        self._call("proc.account", {"jit_ms": res.elapsed_ms, "tool": name, "refusals": list(res.refusals)})
+        if res.ok:
+            return Reply(0, True, res.value)
+        return Reply.failure(0, res.code or "EIO", res.message)
 
     def _exit(self, status: str, result: Any) -> None:
         if self.state in ("exited", "killed"):
@@ -150,6 +201,6 @@ class AgentProcess(pykka.ThreadingActor):
         self.state = "exited"
         try:
             self._call("proc.exit", {"status": status, "result": result if isinstance(result, (str, int, float, type(None))) else str(result)})
-        except (BusError, KernelError):
-            pass
+        except (BusError, KernelError, zmq.ZMQError):
+            pass  # the kernel is gone (or going): there is nobody left to tell
         self.actor_ref.stop(block=False)

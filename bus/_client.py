@@ -37,7 +37,11 @@ class KernelClient:
         self.timeout_s = timeout_s
         self.identity: dict[str, Any] = {}
         if token is not None:
-            self.identity = self.hello(token, role)
+            try:
+                self.identity = self.hello(token, role)
+            except BaseException:
+                self.close()
+                raise
 
     def hello(self, token: str, role: str = "process") -> dict[str, Any]:
         rid = next(self._ids)

@@ -70,6 +70,7 @@ class Judge:
         self.scripts_of: dict[int, str] = {}
         self.leaks: list[str] = []
         self.errors: list[str] = []
+        self.killed: set[int] = set()
         self.rt: Runtime | None = None
         self.root_pid: int | None = None
         self.grant_ids: dict[str, int] = {}
@@ -114,6 +115,13 @@ class Judge:
             op = self._open.pop((pid, idx), None)
         if op is None:
             return
+        if pid in self.killed:
+            # A step of a killed process is not judged (SCENARIOS.md, edge rules).
+            with self._lock:
+                self.reached.get(pid, set()).discard(idx)
+            if op.locked:
+                self._step_lock.release()
+            return
         try:
             after = self.world.snapshot()
             changed = after.changed_since(op.before)
@@ -156,7 +164,7 @@ class Judge:
                         self.rt.grant(p, op["grant"])
                 elif "kill" in op:
                     for p in self._pids(op["kill"]):
-                        self.rt.kill(p)
+                        self.killed.update(self.rt.kill(p))
             except (KernelError, ScenarioError) as exc:
                 self.errors.append(f"operator step {idx} of {script or 'root'}: {exc}")
 

@@ -404,9 +404,13 @@ class CapTable:
         return rec
 
     def derive(
-        self, parent: CapRecord, narrow: Narrow, *, holder: int, now: float, handle: str | None, via: str
-    ) -> CapRecord:
-        """A new record for `holder` that is `parent` narrowed; anything that would widen is EPERM."""
+        self, parent: CapRecord, narrow: Narrow, *, holder: int, now: float, handle: str | None, via: str,
+        dry_run: bool = False,
+    ) -> CapRecord | None:
+        """A new record for `holder` that is `parent` narrowed; anything that would widen is EPERM.
+
+        With `dry_run`, every check runs and nothing is created (spawn validates its whole list
+        before it makes anything)."""
         code = parent.status(now)
         if code is not None:
             raise KernelError(code, f"capability {parent.handle} is {'revoked' if code == 'EREVOKED' else 'expired'}")
@@ -431,6 +435,9 @@ class CapTable:
             if parent.uses is not None and narrow.uses > parent.uses:
                 raise KernelError("EPERM", f"narrow would give more uses than {parent.handle} has left")
             uses = narrow.uses
+        if dry_run:
+            validate_rights(parent.kind, rights)
+            return None
         return self.create(
             holder=holder,
             kind=parent.kind,

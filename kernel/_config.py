@@ -27,6 +27,9 @@ class KernelConfig:
     mem_value_max_bytes: int = 64 << 10
     mem_keys_max: int = 10_000
     effect_workers: int = 16
+    #: Installed Skills: one folder per Skill with SKILL.md and optional tools/*.ts (default STATE/skills).
+    skills_dir: str = ""
+    jit_source_max_bytes: int = 64 << 10
     operator_token: str = ""
     host_token: str = ""
 

@@ -4,18 +4,23 @@ durably before the effect runs, runs effects off its own thread, and replies aft
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
+import json
 import logging
 import os
+import re
 import secrets
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
 import msgpack
 import pykka
+import yaml
 import zmq
 
 from agentlibos.bus import (
@@ -39,8 +44,8 @@ from agentlibos.kernel._inbox import Inbound, KernelInbox
 from agentlibos.kernel._globs import PathSet, compile_glob
 from agentlibos.kernel._models import CompletionRequest, ModelBackend
 from agentlibos.kernel._paths import Root, resolve, split_path, strip_root
-from agentlibos.kernel._table import NOT_YET, SYSCALLS, SyscallSpec
-from agentlibos.storage import LogBackend
+from agentlibos.kernel._table import NOT_YET, SYSCALLS, SyscallSpec, tool_name
+from agentlibos.storage import LogBackend, digest
 
 log = logging.getLogger("agentlibos.kernel")
 
@@ -48,6 +53,10 @@ log = logging.getLogger("agentlibos.kernel")
 #: of one fsync: it turns a trickle of arrivals into one commit instead of two).
 GROUP_WAIT_S = 150e-6
 ACTIVE_WINDOW_S = 2e-3
+TOOL_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
+SKILL_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+BUILTIN_TOOL_NAMES = frozenset(tool_name(n) for n in SYSCALLS) | frozenset(tool_name(n) for n in NOT_YET)
+MAX_QUEUE = 1000
 LIVE = ("embryo", "ready", "running", "blocked", "suspended")
 OPERATOR = 0  # the author recorded for operator requests
 
@@ -91,6 +100,9 @@ class Proc:
     status: str | None = None
     result: Any = None
     input: Any = None
+    # Affordances (what the model sees); never authority.
+    jit_tools: dict[str, dict[str, Any]] = field(default_factory=dict)
+    skills: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -113,10 +125,14 @@ class Pending:
 
 
 @dataclass(slots=True)
-class Waiter:
+class Parked:
+    """A request that waits on a condition (a process's exit, a message); replied to on resume."""
+
     conn: bytes
     rid: int
     pid: int
+    sys: str
+    decision_seq: int
     timer: threading.Timer | None = None
 
 
@@ -157,8 +173,10 @@ class Kernel(pykka.ThreadingActor):
         self._next_pid = 1
         self._tickets = 0
         self._pending: dict[int, Pending] = {}
-        self._waiters: dict[int, list[Waiter]] = {}
-        self._timers: dict[int, tuple[int, Waiter]] = {}
+        self._parked: dict[int, Parked] = {}
+        self._exit_waiters: dict[int, list[int]] = {}  # pid -> park keys
+        self._receivers: dict[tuple[int, str], list[int]] = {}  # (pid, queue) -> park keys
+        self.queues: dict[int, dict[str, collections.deque[dict[str, Any]]]] = {}
         # Work held back until this round's log entries are durable.
         self._out = Outputs()
         self._dirty = False
@@ -191,9 +209,9 @@ class Kernel(pykka.ThreadingActor):
         self._flush()
 
     def on_stop(self) -> None:
-        for _, w in list(self._timers.values()):
-            if w.timer:
-                w.timer.cancel()
+        for p in list(self._parked.values()):
+            if p.timer:
+                p.timer.cancel()
         try:
             self._flush()
         finally:
@@ -427,12 +445,13 @@ class Kernel(pykka.ThreadingActor):
                 outcome = handler(proc, spec, args, req.cap, now)
             except KernelError as exc:
                 outcome = Outcome.deny(exc.code, exc.message)
-            if outcome.extra_charges:
+            if outcome.extra_charges or outcome.check_only:
                 charges.update(outcome.extra_charges)
-                exhausted = node.check(charges, now)
+                exhausted = node.check({**charges, **outcome.check_only}, now)
                 if exhausted is not None:
                     outcome.close()
-                    outcome = Outcome.deny("EBUDGET", f"budget exhausted: {exhausted} (needs {charges[exhausted]:g})")
+                    need = {**charges, **outcome.check_only}[exhausted]
+                    outcome = Outcome.deny("EBUDGET", f"budget exhausted: {exhausted} (needs {need:g})")
             node.charge({d: a for d, a in charges.items() if exhausted is None or d == "syscalls"})
         allowed = outcome.code is None
         cap = outcome.cap
@@ -446,7 +465,7 @@ class Kernel(pykka.ThreadingActor):
             body["message"] = outcome.message
         if outcome.detail:
             body["detail"] = outcome.detail
-        inline = allowed and outcome.effect is None and not outcome.parked
+        inline = allowed and outcome.effect is None and outcome.park is None and outcome.apply is None
         if inline:
             # An effect on kernel state is atomic with its entry: one entry records the decision
             # and the result, and nothing is visible outside before it is durable.
@@ -469,9 +488,38 @@ class Kernel(pykka.ThreadingActor):
             self._pending[self._tickets] = Pending(conn, req.id, proc.pid, spec.name, seq, outcome.after)
             self._out.effects.append((self._tickets, outcome.effect, conn, req.id))
             return
-        if outcome.parked:
+        if outcome.park is not None:
+            self._tickets += 1
+            self._parked[self._tickets] = Parked(conn, req.id, proc.pid, spec.name, seq)
+            outcome.park(self._tickets)
+            return
+        if outcome.apply is not None:
+            try:
+                value = outcome.apply(seq)
+            except KernelError as exc:
+                self._finish(conn, req.id, proc.pid, spec.name, seq, None, exc)
+                return
+            self._finish(conn, req.id, proc.pid, spec.name, seq, value, None)
             return
         self._reply(conn, Reply(req.id, True, outcome.value, seq=seq))
+
+    # --- parked requests (waits, receives) -----------------------------------------------------
+    def _park_timeout(self, key: int, timeout_s: float | None) -> None:
+        if timeout_s is None:
+            return
+        timer = threading.Timer(float(timeout_s), self._fire, (key,))
+        timer.daemon = True
+        self._parked[key].timer = timer
+        timer.start()
+
+    def _resume(self, key: int, value: Any = None, error: KernelError | None = None) -> bool:
+        p = self._parked.pop(key, None)
+        if p is None:
+            return False
+        if p.timer is not None:
+            p.timer.cancel()
+        self._finish(p.conn, p.rid, p.pid, p.sys, p.decision_seq, value, error)
+        return True
 
     def _finish(self, conn: bytes, rid: int, pid: int, sys: str, cause: int, value: Any, error: KernelError | None) -> None:
         body: dict[str, Any] = {"sys": sys, "ok": error is None}
@@ -677,7 +725,9 @@ class Kernel(pykka.ThreadingActor):
             allowed = {_shell.resolve_program(p, self.config.path, world) for p in scope["programs"]}
             if exe not in allowed:
                 return False
-            if "argv" in scope and not _shell.argv_matches(argv, scope["argv"]):
+            if "argv" in scope and not _shell.argv_matches(
+                    argv, scope["argv"], same_program=lambda name: _shell.resolve_program(
+                        name, self.config.path, world) == exe):
                 return False
             limit = scope.get("timeout_s")
             if want_timeout is not None and limit is not None and want_timeout > limit:
@@ -780,8 +830,9 @@ class Kernel(pykka.ThreadingActor):
             usage = value.get("usage", {}) if isinstance(value, dict) else {}
             node.charge({"llm_tokens": float(usage.get("input_tokens", 0) + usage.get("output_tokens", 0))})
 
-        out = Outcome.allow(cap, effect=lambda: _turn_value(backend.complete(request)),
-                            extra={"llm_tokens": float(max_tokens or 0)}, detail={"model": model})
+        out = Outcome.allow(cap, effect=lambda: _turn_value(backend.complete(request)), detail={"model": model})
+        # max_tokens is checked up front and refused whole; what is charged is the reported usage.
+        out.check_only = {"llm_tokens": float(max_tokens or 0)}
         out.after = charge_tokens
         return out
 
@@ -811,6 +862,7 @@ class Kernel(pykka.ThreadingActor):
         narrow = Narrow.parse(args.get("narrow"))
         if op == "derive":
             new = self.caps.derive(cap, narrow, holder=proc.pid, now=now, handle=args.get("as"), via="cap.derive")
+            assert new is not None
             self._log_cap(new, proc.pid)
             return Outcome.allow(cap, value={"handle": new.handle})
         if op == "grant":
@@ -820,6 +872,7 @@ class Kernel(pykka.ThreadingActor):
             if not isinstance(target, int) or target not in self.procs or self.procs[target].state not in LIVE:
                 raise KernelError("ENOENT", f"no live process {args['to']!r}")
             new = self.caps.derive(cap, narrow, holder=target, now=now, handle=args.get("as"), via="cap.grant")
+            assert new is not None
             self._log_cap(new, proc.pid)
             return Outcome.allow(cap, value={"handle": new.handle, "pid": target})
         raise KernelError("ENOSYS", spec.name)
@@ -831,13 +884,285 @@ class Kernel(pykka.ThreadingActor):
         return Outcome.allow(None, value=self.budgets.nodes[proc.pid].view(now))
 
     def _sys_proc(self, proc: Proc, spec: SyscallSpec, args: dict[str, Any], handle: str | None, now: float) -> Outcome:
-        if spec.name == "proc.self":
+        name = spec.name
+        if name == "proc.self":
             return Outcome.allow(None, value={"pid": proc.pid, "ppid": proc.ppid, "image": proc.image, "state": proc.state})
-        if spec.name == "proc.exit":
+        if name == "proc.exit":
             status = args.get("status") or "ok"
             self._exit(proc, status, args.get("result"))
             return Outcome.allow(None, value={})
-        raise KernelError("ENOSYS", spec.name)
+        if name == "proc.list":
+            return Outcome.allow(None, value={"processes": [
+                {"pid": c.pid, "image": c.image, "state": c.state, "status": c.status}
+                for c in (self.procs[p] for p in sorted(proc.children))
+            ]})
+        if name == "proc.account":
+            # The process host reports JIT tool time; a process can only charge itself.
+            return Outcome.allow(None, value={}, extra={"jit_ms": float(args.get("jit_ms", 0))})
+        if name == "proc.spawn":
+            image = args["image"]
+            cap = self._authorize(proc, "proc", handle, now, lambda c: "spawn" in c.rights and any(
+                compile_glob(g).fullmatch(image) for g in c.scope.get("images", [])), f"spawning image {image!r}")
+            limit = cap.scope.get("max_children")
+            live = sum(1 for c in proc.children if self.procs[c].state in LIVE)
+            if limit is not None and live >= limit:
+                raise KernelError("EPERM", f"{cap.handle} allows at most {limit:g} live children")
+            return self._child_outcome(proc, cap, image, args, now, "proc.spawn")
+        target = args["pid"]
+        right = "wait" if name == "proc.wait" else "signal"
+        cap = self._authorize(proc, "proc", handle, now, lambda c: right in c.rights, f"{name} of {target!r}")
+        if not isinstance(target, int) or not self._is_descendant(target, proc.pid):
+            raise KernelError("EPERM", f"{target!r} is not a descendant of process {proc.pid}")
+        child = self.procs[target]
+        if name == "proc.kill":
+            return Outcome.allow(cap, value={"killed": self._kill(child)})
+        # proc.wait
+        if child.state not in LIVE:
+            return Outcome.allow(cap, value={"pid": child.pid, "status": child.status, "result": child.result})
+        timeout = args.get("timeout_s")
+
+        def park(key: int) -> None:
+            self._exit_waiters.setdefault(child.pid, []).append(key)
+            self._park_timeout(key, timeout)
+
+        out = Outcome.allow(cap)
+        out.park = park
+        return out
+
+    def _is_descendant(self, pid: int, ancestor: int) -> bool:
+        p = self.procs.get(pid)
+        seen = 0
+        while p is not None and p.ppid is not None and seen < 100_000:
+            if p.ppid == ancestor:
+                return True
+            p = self.procs.get(p.ppid)
+            seen += 1
+        return False
+
+    def _child_outcome(self, proc: Proc, cap: CapRecord, image: str, args: dict[str, Any], now: float,
+                       via: str) -> Outcome:
+        """proc.spawn / image.boot: validate the whole capability list, then create on apply."""
+        if image not in self.images:
+            raise KernelError("ENOENT", f"no image {image!r} is registered")
+        entries = args.get("caps") or []
+        plan: list[tuple[CapRecord, Narrow, str]] = []
+        names: set[str] = set()
+        for e in entries:
+            if not isinstance(e, dict) or not isinstance(e.get("handle"), str) or set(e) - {"handle", "narrow", "as"}:
+                raise KernelError("EINVAL", "each caps entry is {handle, narrow?, as?}")
+            src = self.caps.by_handle(proc.pid, e["handle"])
+            if src is None:
+                raise KernelError("EPERM", f"no capability handle {e['handle']!r} is held by this process")
+            if "grant" not in src.rights:
+                raise KernelError("EPERM", f"{src.handle} does not carry the grant right")
+            narrow = Narrow.parse(e.get("narrow"))
+            as_name = e.get("as") or src.handle
+            if not isinstance(as_name, str) or as_name in ("self", "model") or as_name in names:
+                raise KernelError("EINVAL", f"handle name {as_name!r} is reserved or given twice")
+            names.add(as_name)
+            self.caps.derive(src, narrow, holder=-1, now=now, handle=None, via=via, dry_run=True)
+            plan.append((src, narrow, as_name))
+        budget = parse_budget(args.get("budget"))
+        node = self.budgets.nodes[proc.pid]
+        for dim, amount in budget.items():
+            rem = node.remaining(dim, now) if dim != "wall_s" else None
+            if rem is not None and rem < amount:
+                raise KernelError("EBUDGET", f"cannot reserve {amount:g} {dim}: {rem:g} left")
+        img = self.images[image]
+        model = img.get("model") or proc.model
+        daemon = False
+
+        def apply(seq: int) -> Any:
+            child = self._create_process(image, proc.pid, model, budget, daemon, args.get("input"), _now(), cause=seq)
+            for src, narrow, as_name in plan:
+                new = self.caps.derive(src, narrow, holder=child.pid, now=_now(), handle=as_name, via=via)
+                assert new is not None
+                self._log_cap(new, proc.pid, seq)
+            self._start_process(child)
+            return {"pid": child.pid}
+
+        out = Outcome.allow(cap, extra={"children": 1.0}, detail={"image": image, "caps": [p[2] for p in plan]})
+        out.apply = apply
+        return out
+
+    # --- providers: tools and Skills (affordances: they change what the model sees, not authority)
+    def _sys_tool(self, proc: Proc, spec: SyscallSpec, args: dict[str, Any], handle: str | None, now: float) -> Outcome:
+        if spec.name == "tool.list":
+            image = self.images.get(proc.image, {})
+            return Outcome.allow(None, value={"builtin": list(image.get("tools", [])), "jit": sorted(proc.jit_tools)})
+        name = args["name"]
+        if spec.name == "tool.remove":
+            if name not in proc.jit_tools:
+                raise KernelError("ENOENT", f"no JIT tool {name!r}")
+            del proc.jit_tools[name]
+            return Outcome.allow(None, value={"removed": name})
+        tool = self._check_tool(name, args.get("description", ""), args.get("input_schema"), args["source"])
+        proc.jit_tools[name] = tool
+        return Outcome.allow(None, value={"tool": name, "digest": digest(tool["source"])})
+
+    def _check_tool(self, name: str, description: Any, schema: Any, source: Any) -> dict[str, Any]:
+        if not isinstance(name, str) or not TOOL_NAME.fullmatch(name) or name in BUILTIN_TOOL_NAMES:
+            raise KernelError("EINVAL", f"tool name {name!r} must match {TOOL_NAME.pattern} and not be a builtin tool")
+        if not isinstance(source, str) or "\x00" in source:
+            raise KernelError("EINVAL", "source must be text")
+        size = len(source.encode("utf-8", "surrogatepass"))
+        if size > self.config.jit_source_max_bytes:
+            raise KernelError("EINVAL", f"source of {size} bytes exceeds the {self.config.jit_source_max_bytes}-byte limit")
+        if "export default" not in source:
+            raise KernelError("EINVAL", "a JIT tool module must `export default async function (input, sys)`")
+        if schema is not None and not isinstance(schema, dict):
+            raise KernelError("EINVAL", "input_schema must be a JSON Schema object")
+        return {"description": str(description or ""), "input_schema": schema or {"type": "object"}, "source": source}
+
+    def _skills_dir(self) -> Path:
+        return Path(self.config.skills_dir) if self.config.skills_dir else self.config.state_dir / "skills"
+
+    def _read_skill(self, name: str) -> dict[str, Any]:
+        if not isinstance(name, str) or not SKILL_NAME.fullmatch(name):
+            raise KernelError("EINVAL", f"skill name {name!r} must match {SKILL_NAME.pattern}")
+        folder = self._skills_dir() / name
+        try:
+            text = (folder / "SKILL.md").read_text()
+        except OSError:
+            raise KernelError("ENOENT", f"no Skill {name!r} is installed") from None
+        meta: dict[str, Any] = {}
+        body = text
+        if text.startswith("---"):
+            head, sep, rest = text[3:].partition("\n---")
+            if sep:
+                try:
+                    loaded = yaml.safe_load(head)
+                except yaml.YAMLError as exc:
+                    raise KernelError("EINVAL", f"Skill {name!r}: bad front matter: {exc}") from None
+                meta = loaded if isinstance(loaded, dict) else {}
+                body = rest.lstrip("\n")
+        tools = []
+        tools_dir = folder / "tools"
+        if tools_dir.is_dir():
+            for ts in sorted(tools_dir.glob("*.ts")):
+                info: dict[str, Any] = {}
+                side = ts.with_suffix(".json")
+                if side.exists():
+                    try:
+                        info = json.loads(side.read_text())
+                    except ValueError as exc:
+                        raise KernelError("EINVAL", f"Skill {name!r}: {side.name}: {exc}") from None
+                tool = self._check_tool(ts.stem, info.get("description", ""), info.get("input_schema"), ts.read_text())
+                tools.append({"name": ts.stem, **tool})
+        return {"name": str(meta.get("name", name)), "description": str(meta.get("description", "")),
+                "instructions": body.strip(), "tools": tools}
+
+    def _sys_skill(self, proc: Proc, spec: SyscallSpec, args: dict[str, Any], handle: str | None, now: float) -> Outcome:
+        if spec.name == "skill.list":
+            available = []
+            root = self._skills_dir()
+            if root.is_dir():
+                for d in sorted(root.iterdir()):
+                    if (d / "SKILL.md").exists() and SKILL_NAME.fullmatch(d.name):
+                        try:
+                            sk = self._read_skill(d.name)
+                        except KernelError:
+                            continue
+                        available.append({"name": d.name, "description": sk["description"]})
+            return Outcome.allow(None, value={"available": available, "loaded": list(proc.skills)})
+        skill = self._read_skill(args["name"])
+        for t in skill["tools"]:
+            proc.jit_tools[t["name"]] = {k: t[k] for k in ("description", "input_schema", "source")}
+        if args["name"] not in proc.skills:
+            proc.skills.append(args["name"])
+        return Outcome.allow(None, value=skill, detail={"skill": args["name"], "tools": [t["name"] for t in skill["tools"]]})
+
+    # --- providers: messages -------------------------------------------------------------------
+    def _sys_msg(self, proc: Proc, spec: SyscallSpec, args: dict[str, Any], handle: str | None, now: float) -> Outcome:
+        queue = args.get("queue") or "inbox"
+        if not isinstance(queue, str) or not queue or len(queue) > 64:
+            raise KernelError("EINVAL", "a queue name is 1 to 64 characters")
+        if spec.name == "msg.recv":
+            q = self.queues.get(proc.pid, {}).get(queue)
+            if q:
+                return Outcome.allow(None, value=q.popleft())
+            timeout = args.get("timeout_s")
+            if timeout is not None and timeout <= 0:
+                raise KernelError("ETIMEDOUT", f"no message on {queue!r}")
+
+            def park(key: int) -> None:
+                self._receivers.setdefault((proc.pid, queue), []).append(key)
+                self._park_timeout(key, timeout)
+
+            out = Outcome.allow(None)
+            out.park = park
+            return out
+        to = args["to"]
+        target_pid = proc.ppid if to == "parent" else to
+        target = self.procs.get(target_pid) if isinstance(target_pid, int) else None
+
+        def covers(c: CapRecord) -> bool:
+            if "queues" in c.scope and queue not in c.scope["queues"]:
+                return False
+            for t in c.scope.get("to", []):
+                if t == "parent" and target_pid == proc.ppid and target_pid is not None:
+                    return True
+                if t == "children" and target is not None and target.ppid == proc.pid:
+                    return True
+                if isinstance(t, int) and t == target_pid:
+                    return True
+                if isinstance(t, str) and target is not None and t == target.image and t not in ("parent", "children"):
+                    return True
+            return False
+
+        cap = self._authorize(proc, "msg", handle, now, covers, f"sending to {to!r} on {queue!r}")
+        if target is None or target.state not in LIVE:
+            raise KernelError("ENOENT", f"no live process {to!r}")
+        try:
+            size = len(msgpack.packb(args["payload"], use_bin_type=True))
+        except Exception:
+            raise KernelError("EINVAL", "the payload is not msgpack-serializable") from None
+        if size > self.config.mem_value_max_bytes:
+            raise KernelError("EINVAL", f"payload of {size} bytes exceeds the {self.config.mem_value_max_bytes}-byte limit")
+        message = {"from": proc.pid, "queue": queue, "payload": args["payload"]}
+        waiting = self._receivers.get((target.pid, queue))
+
+        def apply(seq: int) -> Any:
+            message["seq"] = seq
+            if waiting:
+                self._resume(waiting.pop(0), dict(message))
+            else:
+                q = self.queues.setdefault(target.pid, {}).setdefault(queue, collections.deque())
+                if len(q) >= MAX_QUEUE:
+                    raise KernelError("EINVAL", f"queue {queue!r} of process {target.pid} is full ({MAX_QUEUE})")
+                q.append(dict(message))
+            return {"delivered": target.pid}
+
+        out = Outcome.allow(cap, detail={"to": target.pid, "queue": queue, "bytes": size})
+        out.apply = apply
+        return out
+
+    # --- providers: images ---------------------------------------------------------------------
+    def _sys_image(self, proc: Proc, spec: SyscallSpec, args: dict[str, Any], handle: str | None, now: float) -> Outcome:
+        def names_cover(c: CapRecord, name: str) -> bool:
+            return any(compile_glob(g).fullmatch(name) for g in c.scope.get("names", []))
+
+        if spec.name == "image.list":
+            cap = self._authorize(proc, "image", handle, now, lambda c: "read" in c.rights, "listing images")
+            visible = [
+                {"name": n, "digest": i["digest"]} for n, i in sorted(self.images.items())
+                if any(names_cover(c, n) for c in self.caps.held(proc.pid)
+                       if c.kind == "image" and "read" in c.rights and c.status(now) is None)
+            ]
+            return Outcome.allow(cap, value={"images": visible})
+        name = args["name"]
+        right = "read" if spec.name == "image.show" else "boot"
+        cap = self._authorize(proc, "image", handle, now, lambda c: right in c.rights and names_cover(c, name),
+                              f"{spec.name} of {name!r}")
+        if spec.name == "image.show":
+            if name not in self.images:
+                raise KernelError("ENOENT", f"no image {name!r}")
+            return Outcome.allow(cap, value=self._image_view(name))
+        return self._child_outcome(proc, cap, name, args, now, "image.boot")
+
+    def _image_view(self, name: str) -> dict[str, Any]:
+        i = self.images[name]
+        return {k: i.get(k) for k in ("name", "digest", "prompt", "tools", "skills", "jit_tools", "budget", "model")}
 
     # --- processes -----------------------------------------------------------------------------
     def _set_state(self, proc: Proc, state: str, **extra: Any) -> None:
@@ -848,18 +1173,20 @@ class Kernel(pykka.ThreadingActor):
         self._event(Topic("proc/"), body)
 
     def _create_process(self, image: str, ppid: int | None, model: str, budget: dict[str, float], daemon: bool,
-                        input: Any, now: float) -> Proc:
+                        input: Any, now: float, cause: int | None = None) -> Proc:
         pid = self._next_pid
         self._next_pid += 1
         token = secrets.token_hex(16)
-        proc = Proc(pid=pid, ppid=ppid, image=image, model=model, token=token, daemon=daemon, input=input)
+        img = self.images.get(image, {})
+        proc = Proc(pid=pid, ppid=ppid, image=image, model=model, token=token, daemon=daemon, input=input,
+                    jit_tools=dict(img.get("jit_tools") or {}), skills=list(img.get("skills") or []))
         self.budgets.create(pid, ppid, budget, now)
         self.procs[pid] = proc
         self._tokens[token] = pid
         if ppid is not None and ppid in self.procs:
             self.procs[ppid].children.add(pid)
         self._stage("proc.state", {"pid": pid, "ppid": ppid, "image": image, "state": "embryo", "model": model,
-                                   "budget": budget}, pid=pid)
+                                   "budget": budget}, pid=pid, cause=cause)
         # Every process holds its own memory namespace and the model that drives it.
         for name, kind, scope, rights in (
             ("self", "memory", {"namespace": "self"}, ["read", "write", "delete", "list"]),
@@ -874,7 +1201,7 @@ class Kernel(pykka.ThreadingActor):
         self._command(Command("start", proc.pid, {
             "token": proc.token, "ppid": proc.ppid, "image": proc.image, "model": proc.model,
             "prompt": image.get("prompt", ""), "tools": image.get("tools", []), "input": proc.input,
-            "daemon": proc.daemon,
+            "daemon": proc.daemon, "jit_tools": proc.jit_tools,
         }))
 
     def _command(self, cmd: Command) -> None:
@@ -902,10 +1229,13 @@ class Kernel(pykka.ThreadingActor):
                 child.ppid = proc.ppid
                 if parent is not None:
                     parent.children.add(cpid)
-        for w in self._waiters.pop(proc.pid, []):
-            if w.timer is not None:
-                w.timer.cancel()
-            self._reply(w.conn, Reply(w.rid, True, {"pid": proc.pid, "status": status, "result": result}))
+        for key in self._exit_waiters.pop(proc.pid, []):
+            self._resume(key, {"pid": proc.pid, "status": status, "result": result})
+        # Its queues go with it; its own pending receives end.
+        self.queues.pop(proc.pid, None)
+        for qkey in [k for k in self._receivers if k[0] == proc.pid]:
+            for key in self._receivers.pop(qkey):
+                self._resume(key, error=KernelError("EPERM", f"process {proc.pid} has ended"))
 
     def _kill(self, proc: Proc) -> list[int]:
         killed = []
@@ -936,10 +1266,12 @@ class Kernel(pykka.ThreadingActor):
         if not all(isinstance(t, str) for t in tools):
             raise KernelError("EINVAL", "image tools must be tool names")
         image = {"name": args["name"], "prompt": args.get("prompt", ""), "tools": tools,
+                 "skills": list(args.get("skills") or []), "jit_tools": dict(args.get("jit_tools") or {}),
                  "model": args.get("model"), "budget": args.get("budget") or {}, "meta": args.get("meta") or {}}
+        image["digest"] = image_digest(image)
         self.images[args["name"]] = image
         self._stage("image.register", {"name": args["name"]}, cause=seq, payload=image, has_payload=True)
-        return {"image": args["name"]}
+        return {"image": args["name"], "digest": image["digest"]}
 
     def _grant(self, pid: int, spec: dict[str, Any], now: float, cause: int) -> CapRecord:
         if not isinstance(spec, dict):
@@ -1026,16 +1358,11 @@ class Kernel(pykka.ThreadingActor):
             raise KernelError("ENOENT", f"no process {args['pid']}")
         if proc.state not in LIVE:
             return {"pid": proc.pid, "status": proc.status, "result": proc.result}
-        w = Waiter(conn, req.id, proc.pid)
-        timeout = args.get("timeout_s")
-        if timeout is not None:
-            self._tickets += 1
-            key = self._tickets
-            w.timer = threading.Timer(float(timeout), self._fire, (key,))
-            w.timer.daemon = True
-            self._timers[key] = (proc.pid, w)
-            w.timer.start()
-        self._waiters.setdefault(proc.pid, []).append(w)
+        self._tickets += 1
+        key = self._tickets
+        self._parked[key] = Parked(conn, req.id, 0, req.sys, seq)
+        self._exit_waiters.setdefault(proc.pid, []).append(key)
+        self._park_timeout(key, args.get("timeout_s"))
         return _PARKED
 
     def _fire(self, key: int) -> None:
@@ -1045,14 +1372,13 @@ class Kernel(pykka.ThreadingActor):
             pass
 
     def _timer_fired(self, key: int) -> None:
-        entry = self._timers.pop(key, None)
-        if entry is None:
+        p = self._parked.get(key)
+        if p is None:
             return
-        pid, w = entry
-        waiters = self._waiters.get(pid, [])
-        if w in waiters:
-            waiters.remove(w)
-            self._reply(w.conn, Reply.failure(w.rid, "ETIMEDOUT", f"process {pid} did not exit in time"))
+        for keys in list(self._exit_waiters.values()) + list(self._receivers.values()):
+            if key in keys:
+                keys.remove(key)
+        self._resume(key, error=KernelError("ETIMEDOUT", f"{p.sys} timed out"))
 
     def _op_ps(self, conn: bytes, req: Request, args: dict[str, Any], seq: int) -> Any:
         return {"processes": [
@@ -1091,6 +1417,12 @@ class Kernel(pykka.ThreadingActor):
 _PARKED = object()
 
 
+def image_digest(image: dict[str, Any]) -> str:
+    """Content address of an image: sha256 of the canonical msgpack of everything but its name
+    (never capabilities: an image has none)."""
+    return digest({k: v for k, v in image.items() if k not in ("name", "digest", "meta")})
+
+
 def _turn_value(result: Any) -> dict[str, Any]:
     value = result.to_value() if hasattr(result, "to_value") else result
     if not isinstance(value, dict) or not isinstance(value.get("content"), list):
@@ -1101,7 +1433,8 @@ def _turn_value(result: Any) -> dict[str, Any]:
 class Outcome:
     """What a provider decided: deny with a code, or allow with a value, an effect, or a park."""
 
-    __slots__ = ("code", "message", "cap", "value", "effect", "parked", "extra_charges", "detail", "after")
+    __slots__ = ("code", "message", "cap", "value", "effect", "parked", "extra_charges", "detail", "after", "apply",
+                 "park", "check_only")
 
     def __init__(self) -> None:
         self.code: str | None = None
@@ -1111,8 +1444,13 @@ class Outcome:
         self.effect: Callable[[], Any] | None = None
         self.parked = False
         self.extra_charges: dict[str, float] = {}
+        self.check_only: dict[str, float] = {}
         self.detail: dict[str, Any] | None = None
         self.after: Callable[[Any], None] | None = None
+        # Runs on the kernel thread right after the decision is logged; returns the value.
+        self.apply: Callable[[int], Any] | None = None
+        # Parks the request: called with the park key once the decision is logged.
+        self.park: Callable[[int], None] | None = None
 
     @classmethod
     def deny(cls, code: str, message: str) -> Outcome:

@@ -9,7 +9,7 @@ import os
 import resource
 import signal
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from agentlibos.bus._errors import KernelError
@@ -41,9 +41,22 @@ def _match(args: Sequence[str], pattern: Sequence[str]) -> bool:
     return bool(args) and fnmatch.fnmatchcase(args[0], head) and _match(args[1:], rest)
 
 
-def argv_matches(argv: Sequence[str], patterns: Sequence[Sequence[str]]) -> bool:
-    """Whole-argv patterns: one glob per argument, `**` for zero or more arguments."""
-    return any(_match(argv, p) for p in patterns)
+def argv_matches(argv: Sequence[str], patterns: Sequence[Sequence[str]],
+                 same_program: Callable[[str], bool] | None = None) -> bool:
+    """Whole-argv patterns: one glob per argument, `**` for zero or more arguments. A pattern's
+    first element that is a plain name matches the program it resolves to (so `git` matches
+    `/usr/bin/git`), like the program allow-list does."""
+    for p in patterns:
+        if not p:
+            continue
+        head = p[0]
+        if same_program is not None and not any(ch in head for ch in "*?[") and head != "**":
+            if same_program(head) and _match(argv[1:], p[1:]):
+                return True
+            continue
+        if _match(argv, p):
+            return True
+    return False
 
 
 def _limits(cpu_s: int, mem_bytes: int) -> Any:

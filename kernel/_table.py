@@ -110,8 +110,32 @@ SYSCALLS: dict[str, SyscallSpec] = {
         _row("proc.self", "", None, "", _S, "proc", "-> {pid, ppid, image, state}"),
         _row("proc.exit", "status:str? result:any?", None, "", "", "proc",
              "end the calling process (its host calls this when the agent's loop ends)"),
+        _row("proc.account", "jit_ms:num tool:str? refusals:list?", None, "", "jit_ms", "proc",
+             "charge JIT tool time to the caller (its host reports it after each JIT tool call)"),
+        _row("proc.spawn", "image:str input:any? caps:list? budget:map?", "proc", "spawn", f"{_S} children", "proc",
+             "start a child from an image with an explicit, attenuated capability list -> {pid}"),
+        _row("proc.wait", "pid:int timeout_s:num?", "proc", "wait", _S, "proc",
+             "wait for a descendant to end -> {pid, status, result}"),
+        _row("proc.kill", "pid:int", "proc", "signal", _S, "proc", "kill a descendant and its subtree"),
+        _row("proc.list", "", None, "", _S, "proc", "the caller's children"),
+        _row("msg.send", "to:pid payload:any queue:str?", "msg", "send", _S, "msg",
+             "send to a process the msg cap names (parent, children, a pid, an image)"),
+        _row("msg.recv", "queue:str? timeout_s:num?", None, "", _S, "msg",
+             "take the next message from one of the caller's own queues -> {from, queue, payload}"),
+        _row("tool.define", "name:str description:str? input_schema:map? source:str", None, "", _S, "tool",
+             "add a TypeScript JIT tool to the caller's tool table (an affordance: grants nothing)"),
+        _row("tool.remove", "name:str", None, "", _S, "tool", "remove a JIT tool"),
+        _row("tool.list", "", None, "", _S, "tool", "the caller's builtin and JIT tools"),
+        _row("skill.load", "name:str", None, "", _S, "skill",
+             "load an installed Skill: its instructions and tools join the caller's affordances (grants nothing)"),
+        _row("skill.list", "", None, "", _S, "skill", "installed Skills and the ones the caller loaded"),
+        _row("image.list", "", "image", "read", _S, "image", "images the caller's image caps may read"),
+        _row("image.show", "name:str", "image", "read", _S, "image", "an image's content (never capabilities)"),
+        _row("image.boot", "name:str input:any? caps:list? budget:map?", "image", "boot", f"{_S} children", "image",
+             "start a child from an image; it holds only the caps passed here -> {pid}"),
         # Operator requests: only connections that said hello with the operator token.
-        _row("op.image.register", "name:str prompt:str? tools:list? model:str? budget:map? meta:map?", None, "", "",
+        _row("op.image.register", "name:str prompt:str? tools:list? skills:list? jit_tools:map? model:str? budget:map? "
+             "meta:map?", None, "", "",
              "op", "register or replace an AgentImage", "operator"),
         _row("op.spawn", "image:str caps:list? budget:map? input:any? model:str? daemon:bool? external:bool?", None,
              "", "", "op", "start a root process with operator grants -> {pid} (external: no host runs it; the "
@@ -136,15 +160,14 @@ SYSCALLS: dict[str, SyscallSpec] = {
 #: ABI syscalls that later work adds; a request for one gets ENOSYS naming it as not yet available.
 NOT_YET: frozenset[str] = frozenset(
     {
-        "human.ask", "human.notify", "proc.spawn", "proc.wait", "proc.kill", "proc.list", "msg.send", "msg.recv",
-        "ckpt.create", "ckpt.restore", "ckpt.fork", "ckpt.list", "image.commit", "image.list", "image.show",
-        "image.boot", "tool.define", "tool.remove", "tool.list", "skill.load", "skill.list", "rpc.call",
+        "human.ask", "human.notify",
+        "ckpt.create", "ckpt.restore", "ckpt.fork", "ckpt.list", "image.commit", "rpc.call",
         "mcp.list_tools", "mcp.call", "pty.open", "pty.write", "pty.read", "pty.close", "cap.request",
     }
 )
 
 #: Syscalls this project adds to ABI.md (documented in docs/protocol.md).
-ADDITIONS: frozenset[str] = frozenset({"proc.exit"})
+ADDITIONS: frozenset[str] = frozenset({"proc.exit", "proc.account"})
 
 
 def tool_name(sys: str) -> str:
