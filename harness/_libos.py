@@ -29,7 +29,7 @@ _CALL_ID = re.compile(r"^toolu_(\d+)_(\d+)$")
 _VAR = re.compile(r"^\$([A-Za-z_][A-Za-z0-9_]*)((?:\.[A-Za-z0-9_]+)*)$")
 _TEMPLATE = re.compile(r"\$\{([^}]+)\}")
 
-UNSUPPORTED_WORLD = ("rpc", "mcp", "skills")
+UNSUPPORTED_WORLD = ("rpc", "mcp")
 
 
 def outcome_of(reply: Reply) -> tuple[str, str | None]:
@@ -196,7 +196,7 @@ def run_libos(scenario: Scenario, *, keep_state: str | None = None,
                           substitute=judge.substitute)
     rt = Runtime(keep_state or world.state, world_root=world.root, models={"scripted": model, "*": model},
                  observer=judge, ipc=False, path=(str(world.bin), "/usr/local/bin", "/usr/bin", "/bin"),
-                 shell_env={"WORLD_ROOT": str(world.root), "HOME": str(world.root)})
+                 shell_env={"WORLD_ROOT": str(world.root), "HOME": str(world.root)}, skills_dir=str(world.skills_dir))
     judge.rt = rt
     try:
         with rt:

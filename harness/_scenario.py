@@ -186,11 +186,27 @@ class Scenario:
         return out
 
 
-def _steps(raw: list[dict[str, Any]], where: str) -> tuple[Step, ...]:
+def _jit_tool_names(data: dict[str, Any]) -> set[str]:
+    """Tools a scenario can grow: its Skills' tools and every tool_define in any script."""
+    names: set[str] = set()
+    for skill in ((data.get("world") or {}).get("skills") or {}).values():
+        if isinstance(skill, dict):
+            names.update((skill.get("tools") or {}).keys())
+    scripts = [data.get("script") or []] + [img.get("script") or [] for img in (data.get("images") or {}).values()]
+    for script in scripts:
+        for step in script:
+            if isinstance(step, dict) and step.get("tool") == "tool_define":
+                name = (step.get("args") or {}).get("name")
+                if isinstance(name, str):
+                    names.add(name)
+    return names
+
+
+def _steps(raw: list[dict[str, Any]], where: str, extra_tools: set[str] = frozenset()) -> tuple[Step, ...]:  # type: ignore[assignment]
     out = []
     for i, s in enumerate(raw):
         if "tool" in s:
-            if s["tool"] not in BUILTIN_TOOLS:
+            if s["tool"] not in BUILTIN_TOOLS and s["tool"] not in extra_tools:
                 raise ScenarioError(f"{where} step {i}: unknown tool {s['tool']!r}")
             out.append(Step(i, s["tool"], s.get("args") or {}, s.get("expect"), s.get("code"), s.get("cap"),
                             s.get("save_as"), None, s))
@@ -216,7 +232,7 @@ def parse_scenario(data: Any, path: str = "<string>") -> Scenario:
         for t in img.get("tools", []):
             if t not in BUILTIN_TOOLS:
                 raise ScenarioError(f"{path}: images/{name}: unknown tool {t!r}")
-        _steps(img.get("script", []), f"{path}: images/{name}")
+        _steps(img.get("script", []), f"{path}: images/{name}", _jit_tool_names(data))
     for t in data["image"].get("tools", []):
         if t not in BUILTIN_TOOLS:
             raise ScenarioError(f"{path}: image: unknown tool {t!r}")
@@ -230,7 +246,7 @@ def parse_scenario(data: Any, path: str = "<string>") -> Scenario:
         caps=tuple(data.get("caps") or ()),
         budget=data.get("budget") or {},
         human=tuple(data.get("human") or ()),
-        script=_steps(data["script"], path),
+        script=_steps(data["script"], path, _jit_tool_names(data)),
         images=data.get("images") or {},
         checks=tuple(data.get("checks") or ()),
         path=path,

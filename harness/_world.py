@@ -5,13 +5,17 @@ runtime (file tree hashes without following symlinks, program run records).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 import shutil
 import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from agentlibos.bus import ScenarioError
 from agentlibos.harness._scenario import Scenario
@@ -81,8 +85,33 @@ class World:
             wrapper = self.bin / name
             wrapper.write_text(_WRAPPER.format(record=self._runs / name, real=real))
             wrapper.chmod(0o755)
+        for name, skill in (w.get("skills") or {}).items():
+            self._install_skill(name, skill)
         self.initial = self.snapshot()
         return self
+
+    @property
+    def skills_dir(self) -> Path:
+        return self.base / "skills"
+
+    def _install_skill(self, name: str, skill: Any) -> None:
+        """A Skill as an operator installs one: SKILL.md (front matter + instructions) and tools/."""
+        if not isinstance(skill, dict) or "/" in name or name.startswith("."):
+            raise ScenarioError(f"world skill {name!r} must be a mapping with a plain name")
+        folder = self.skills_dir / name
+        (folder / "tools").mkdir(parents=True, exist_ok=True)
+        front = yaml.safe_dump({"name": name, "description": skill.get("description", "")}).strip()
+        (folder / "SKILL.md").write_text(f"---\n{front}\n---\n{self.substitute(skill.get('instructions', ''))}\n")
+        for tool, spec in (skill.get("tools") or {}).items():
+            if not isinstance(spec, dict) or "source" not in spec:
+                raise ScenarioError(f"world skill {name!r}: tool {tool!r} needs a source")
+            (folder / "tools" / f"{tool}.ts").write_text(self.substitute(spec["source"]))
+            (folder / "tools" / f"{tool}.json").write_text(json.dumps(
+                {"description": spec.get("description", ""), "input_schema": spec.get("input_schema") or {"type": "object"}}))
+
+    def substitute(self, text: str) -> str:
+        subs = self.substitutions()
+        return re.sub(r"\$\{([^}]+)\}", lambda m: str(subs.get(m.group(1), m.group(0))), text)
 
     def snapshot(self) -> Snapshot:
         files = []

@@ -231,6 +231,14 @@ class Kernel(pykka.ThreadingActor):
             if row.get("state") in LIVE:
                 self._stage("proc.state", {"pid": row["pid"], "state": "exited", "status": "interrupted"})
         self._next_pid = max_pid + 1
+        # Images registered earlier (an image is content, never authority: safe to restore as is).
+        try:
+            for e in self.log.entries(kinds=["image.register"]):
+                present, image = self.log.payload(e.seq)
+                if present and isinstance(image, dict) and image.get("name"):
+                    self.images[image["name"]] = image
+        except Exception:
+            log.exception("kernel: could not recover images from the log")
         max_cap = 0
         for row in self.log_projection("capabilities"):
             max_cap = max(max_cap, int(row["cap"]))
