@@ -235,6 +235,71 @@ def log_retain(state: str, mode: str, days: float | None) -> None:
     sys.exit(0 if ok else 1)
 
 
+# --- images ------------------------------------------------------------------------------------
+
+IMAGE_FIELDS = {"name", "prompt", "tools", "skills", "jit_tools", "model", "budget"}
+
+
+@main.group("image")
+def image_group() -> None:
+    """Register and list AgentImages (prompt, tools, Skills, JIT tools; never capabilities)."""
+
+
+@image_group.command("add")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@state_option
+def image_add(file: str, state: str) -> None:
+    """Register the image described by a YAML FILE (name, prompt, tools, skills, jit_tools, model, budget).
+
+    The registration is an operator request through the kernel of --state (started for the
+    occasion when none is running there) and is recorded in its log.
+    """
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(file).read_text())
+    except yaml.YAMLError as exc:
+        err.print(f"[red]error:[/red] {escape(file)}: bad YAML: {escape(str(exc))}")
+        sys.exit(2)
+    if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+        err.print(f"[red]error:[/red] {escape(file)}: an image is a mapping with at least a name")
+        sys.exit(2)
+    unknown = set(data) - IMAGE_FIELDS
+    if unknown:
+        err.print(f"[red]error:[/red] {escape(file)}: unknown image field {sorted(unknown)[0]!r} "
+                  f"(fields: {', '.join(sorted(IMAGE_FIELDS))})")
+        sys.exit(2)
+    from agentlibos.bus import KernelError
+    from agentlibos.runtime import Runtime
+
+    try:
+        with Runtime(state, ipc=False) as rt:
+            digest = rt.register_image(data["name"], prompt=data.get("prompt", ""), tools=data.get("tools", []),
+                                       model=data.get("model"), budget=data.get("budget"),
+                                       skills=data.get("skills", []), jit_tools=data.get("jit_tools"))
+    except KernelError as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}")
+        sys.exit(1)
+    console.print(f"registered image [bold]{escape(data['name'])}[/bold] sha256:{digest}")
+
+
+@image_group.command("list")
+@state_option
+def image_list(state: str) -> None:
+    """List the images registered in --state's log."""
+    from agentlibos.runtime import Runtime
+
+    with Runtime(state, ipc=False) as rt:
+        images = rt.images()
+    t = Table()
+    for col in ("name", "digest", "tools", "skills", "JIT tools"):
+        t.add_column(col)
+    for i in images:
+        t.add_row(escape(i["name"]), i["digest"][:16], escape(", ".join(i.get("tools") or [])),
+                  escape(", ".join(i.get("skills") or [])), escape(", ".join(sorted(i.get("jit_tools") or {}))))
+    console.print(t)
+
+
 # --- explain -----------------------------------------------------------------------------------
 
 
@@ -271,19 +336,22 @@ def explain(seq: int, state: str) -> None:
         if cap_id is None:
             console.print("no capability was involved (the call needs none, or none was found)")
             return
-        caps = {row["cap"]: row for row in log.projection("capabilities")}
-        t = Table(title="capability derivation (used -> operator grant)")
-        for col in ("cap", "created seq", "holder", "handle", "via", "kind", "scope", "rights", "state"):
-            t.add_column(col)
-        cur = cap_id
+        caps = {int(row["cap"]): row for row in log.projection("capabilities")}
+        console.print("[bold]capability derivation[/bold] (the capability used, back to the operator's grant)")
+        cur: int | None = int(cap_id)
+        depth = 0
         while cur is not None and cur in caps:
             row = caps[cur]
             st = "revoked" if row.get("revoked") else ("dropped" if row.get("dropped") else "live")
-            t.add_row(str(cur), str(row.get("created_seq")), str(row.get("holder")), escape(str(row.get("handle"))),
-                      escape(str(row.get("via"))), escape(str(row.get("kind"))), escape(str(row.get("scope"))),
-                      escape(str(row.get("rights"))), st)
-            cur = row.get("parent")
-        console.print(t)
+            via = row.get("via")
+            origin = "operator grant" if via == "operator" else f"by {via}"
+            console.print(f"  {'  ' * depth}[bold]{escape(str(row.get('handle')))}[/bold] ({origin}, seq "
+                          f"{row.get('created_seq')}, {st}) cap {cur} of pid {row.get('holder')}: "
+                          f"{escape(str(row.get('kind')))} {escape(str(row.get('scope')))} rights "
+                          f"{escape(str(row.get('rights')))}")
+            parent = row.get("parent")
+            cur = int(parent) if parent is not None else None
+            depth += 1
 
 
 # --- bench -------------------------------------------------------------------------------------

@@ -1401,6 +1401,9 @@ class Kernel(pykka.ThreadingActor):
             for r in self.caps.records.values() if pid is None or r.holder == pid
         ]}
 
+    def _op_images(self, conn: bytes, req: Request, args: dict[str, Any], seq: int) -> Any:
+        return {"images": [self._image_view(n) for n in sorted(self.images)]}
+
     def _op_mem_put(self, conn: bytes, req: Request, args: dict[str, Any], seq: int) -> Any:
         self.memory.setdefault(self._ns_key(args["ns"]), {})[args["key"]] = args["value"]
         return {}

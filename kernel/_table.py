@@ -151,6 +151,7 @@ SYSCALLS: dict[str, SyscallSpec] = {
         _row("op.ps", "", None, "", "", "op", "every process with state and image", "operator"),
         _row("op.caps", "pid:int?", None, "", "", "op", "capability records, optionally of one process", "operator"),
         _row("op.budget", "pid:int", None, "", "", "op", "a process's budget view", "operator"),
+        _row("op.images", "", None, "", "", "op", "every registered image with its digest", "operator"),
         _row("op.mem.put", "ns:str key:str value:any", None, "", "", "op",
              "seed Object Memory (ns: a shared namespace, or self:PID)", "operator"),
         _row("op.mem.get", "ns:str key:str", None, "", "", "op", "read Object Memory -> {value}", "operator"),

@@ -6,6 +6,7 @@ script does is logged and decided exactly like what the CLI or a remote client d
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import threading
@@ -95,6 +96,17 @@ class Runtime:
     def start(self) -> Runtime:
         if self._started:
             return self
+        # One kernel per state directory: two writers would fork the log's hash chain.
+        self._lock_fd = os.open(self.state_dir / "kernel.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._lock_fd, 32, 0).decode(errors="replace").strip()
+            os.close(self._lock_fd)
+            raise BusError(f"a kernel is already running on {self.state_dir} (pid {holder or '?'}); stop it or use "
+                           "another --state directory") from None
+        os.ftruncate(self._lock_fd, 0)
+        os.pwrite(self._lock_fd, str(os.getpid()).encode(), 0)
         self.context: zmq.Context[Any] = zmq.Context()
         tag = f"{os.getpid()}-{id(self)}"
         self.inproc_endpoint = f"inproc://agentlibos-kernel-{tag}"
@@ -119,6 +131,7 @@ class Runtime:
         if not bound:
             self.log.close()
             self.context.term()
+            os.close(self._lock_fd)
             raise BusError(f"the kernel did not start: {why}")
         self._write_connection_file()
         self.host = ProcessHost(self.context, self.inproc_endpoint, self.config.host_token, observer=self._observer)
@@ -149,6 +162,7 @@ class Runtime:
             (self.state_dir / "connection.json").unlink()
         except FileNotFoundError:
             pass
+        os.close(self._lock_fd)
 
     def __enter__(self) -> Runtime:
         return self.start()
@@ -169,15 +183,20 @@ class Runtime:
                 self._clients.append(client)
         return client
 
+    def images(self) -> list[dict[str, Any]]:
+        return list(self.operator.call("op.images")["images"])
+
     def register_image(self, name: str, *, prompt: str = "", tools: Iterable[str] = (), model: str | None = None,
-                       budget: Mapping[str, float] | None = None) -> str:
-        args: dict[str, Any] = {"name": name, "prompt": prompt, "tools": list(tools)}
+                       budget: Mapping[str, float] | None = None, skills: Iterable[str] = (),
+                       jit_tools: Mapping[str, Mapping[str, Any]] | None = None) -> str:
+        """Register (or replace) an AgentImage; returns its content digest. Images carry no capabilities."""
+        args: dict[str, Any] = {"name": name, "prompt": prompt, "tools": list(tools), "skills": list(skills),
+                                "jit_tools": {k: dict(v) for k, v in (jit_tools or {}).items()}}
         if model is not None:
             args["model"] = model
         if budget is not None:
             args["budget"] = dict(budget)
-        self.operator.call("op.image.register", args)
-        return name
+        return str(self.operator.call("op.image.register", args)["digest"])
 
     def spawn(self, image: str, *, caps: Iterable[Grant | Mapping[str, Any]] = (), budget: Mapping[str, float] | None = None,
               input: Any = None, model: str | None = None, daemon: bool = False) -> int:

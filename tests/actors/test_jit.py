@@ -198,7 +198,7 @@ def test_host_killed_during_a_call_returns_eio_then_recovers() -> None:
 
         def sys_call(name: str, args: dict[str, Any]) -> tuple[bool, Any, str | None, str]:
             assert r.host_pid is not None
-            os.kill(r.host_pid, signal.SIGKILL)
+            os.killpg(r.host_pid, signal.SIGKILL)  # the host and everything it started
             started.set()
             return True, {}, None, ""
 
