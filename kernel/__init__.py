@@ -6,6 +6,7 @@ from agentlibos.kernel._config import KernelConfig
 from agentlibos.kernel._inbox import Inbound
 from agentlibos.kernel._kernel import EffectDone, Inspect, Kernel
 from agentlibos.kernel._models import Completion, CompletionRequest, ModelBackend
+from agentlibos.kernel._provider import CallInfo, Provider
 from agentlibos.kernel._table import ADDITIONS, NOT_YET, SYSCALLS, ArgSpec, SyscallSpec, tool_name
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "BudgetNode",
     "BudgetTree",
     "CapRecord",
+    "CallInfo",
     "CapTable",
     "Completion",
     "CompletionRequest",
@@ -28,6 +30,7 @@ __all__ = [
     "ModelBackend",
     "NOT_YET",
     "Narrow",
+    "Provider",
     "SYSCALLS",
     "SyscallSpec",
     "parse_budget",

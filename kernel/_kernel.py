@@ -44,6 +44,7 @@ from agentlibos.kernel._inbox import Inbound, KernelInbox
 from agentlibos.kernel._globs import PathSet, compile_glob
 from agentlibos.kernel._models import CompletionRequest, ModelBackend
 from agentlibos.kernel._paths import Root, resolve, split_path, strip_root
+from agentlibos.kernel._provider import CallInfo, Provider
 from agentlibos.kernel._table import NOT_YET, SYSCALLS, SyscallSpec, tool_name
 from agentlibos.storage import LogBackend, digest
 
@@ -153,9 +154,19 @@ class Kernel(pykka.ThreadingActor):
         endpoints: list[str],
         event_endpoints: list[str],
         models: dict[str, ModelBackend] | None = None,
+        providers: list[Provider] | None = None,
     ) -> None:
         super().__init__()
         self.config = config
+        # The one syscall table: the built-in rows plus those of providers registered at start.
+        self.syscalls: dict[str, SyscallSpec] = dict(SYSCALLS)
+        self._ext: dict[str, Provider] = {}
+        for prov in providers or []:
+            for row in prov.syscalls:
+                if row.name in self.syscalls and row.name not in NOT_YET:
+                    raise ValueError(f"provider {prov.kind!r}: syscall {row.name!r} is already in the table")
+                self.syscalls[row.name] = row
+                self._ext[row.name] = prov
         self.log = log_backend
         self._ctx = context
         self._endpoints = endpoints
@@ -410,11 +421,11 @@ class Kernel(pykka.ThreadingActor):
         self._reply(conn, Reply(msg.id, True, {"pid": proc.pid, "ppid": proc.ppid, "image": proc.image}))
 
     def _request(self, conn: bytes, caller: Caller, req: Request) -> None:
-        spec = SYSCALLS.get(req.sys)
+        spec = self.syscalls.get(req.sys)
         if spec is None or spec.role != caller.role:
             if caller.role == "operator" and spec is None:
                 msg = f"unknown operator request {req.sys!r}"
-            elif req.sys in NOT_YET:
+            elif req.sys in NOT_YET and req.sys not in self.syscalls:
                 msg = f"{req.sys} is part of the ABI but not available in this kernel yet"
             else:
                 msg = f"unknown syscall {req.sys!r}"
@@ -992,6 +1003,30 @@ class Kernel(pykka.ThreadingActor):
         out = Outcome.allow(cap, extra={"children": 1.0}, detail={"image": image, "caps": [p[2] for p in plan]})
         out.apply = apply
         return out
+
+    # --- providers registered at start (rpc, mcp, Runtime Modules) -----------------------------
+    def _sys_ext(self, proc: Proc, spec: SyscallSpec, args: dict[str, Any], handle: str | None, now: float) -> Outcome:
+        prov = self._ext[spec.name]
+        rights = set(spec.rights)
+
+        def covers(c: CapRecord) -> bool:
+            if rights and not rights & c.rights:
+                return False
+            try:
+                return bool(prov.covers(c.scope, spec.name, args))
+            except Exception:  # a provider that cannot decide denies (fail closed)
+                log.exception("provider %s: covers() failed", prov.kind)
+                return False
+
+        cap = self._authorize(proc, prov.kind, handle, now, covers, spec.name)
+        detail = None
+        if prov.describe is not None:
+            try:
+                detail = prov.describe(spec.name, args)
+            except Exception:
+                log.exception("provider %s: describe() failed", prov.kind)
+        info = CallInfo(pid=proc.pid, sys=spec.name, handle=cap.handle, scope=dict(cap.scope))
+        return Outcome.allow(cap, effect=lambda: prov.run(args, info), detail=detail)
 
     # --- providers: tools and Skills (affordances: they change what the model sees, not authority)
     def _sys_tool(self, proc: Proc, spec: SyscallSpec, args: dict[str, Any], handle: str | None, now: float) -> Outcome:

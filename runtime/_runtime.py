@@ -19,7 +19,7 @@ import zmq
 
 from agentlibos.actors import ProcessHost, ScriptedModel, ToolObserver
 from agentlibos.bus import BusError, EventStream, KernelClient, Topic, ipc_dir
-from agentlibos.kernel import Inspect, Kernel, KernelConfig, ModelBackend
+from agentlibos.kernel import Inspect, Kernel, KernelConfig, ModelBackend, Provider
 from agentlibos.storage import SQLiteLog
 
 
@@ -78,6 +78,7 @@ class Runtime:
         models: Mapping[str, ModelBackend] | None = None,
         observer: ToolObserver | None = None,
         ipc: bool = True,
+        providers: Iterable[Provider] = (),
         **config: Any,
     ) -> None:
         self.state_dir = Path(state_dir).absolute()
@@ -87,6 +88,7 @@ class Runtime:
         self.models: dict[str, ModelBackend] = dict(models or {"scripted": ScriptedModel({})})
         self._observer = observer
         self._ipc = ipc
+        self._providers = list(providers)
         self._local = threading.local()
         self._clients: list[KernelClient] = []
         self._clients_lock = threading.Lock()
@@ -121,7 +123,8 @@ class Runtime:
             endpoints.append(self.endpoint)
             events.append(self.events_endpoint)
         self.log = SQLiteLog(self.state_dir / "log.db")
-        self.kernel = Kernel.start(self.config, self.log, self.context, endpoints, events, self.models)
+        self.kernel = Kernel.start(self.config, self.log, self.context, endpoints, events, self.models,
+                                   self._providers)
         try:
             bound = self.kernel.ask(Inspect(lambda k: k.bound), timeout=30)
         except Exception as exc:

@@ -1,0 +1,43 @@
+"""Effect providers that plug into the kernel: a capability kind, its syscalls, how a capability
+of that kind covers a call, and the effect itself. The kernel does the rest (caller identity,
+capability lookup, budgets, logging before the effect, running it off the kernel thread).
+
+Built-in providers (rpc, ...) and Runtime Modules register the same way, at kernel start only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from agentlibos.kernel._table import SyscallSpec
+
+
+@dataclass(frozen=True, slots=True)
+class CallInfo:
+    """What an effect may know about its caller: never more than the kernel decided."""
+
+    pid: int
+    sys: str
+    handle: str
+    scope: Mapping[str, Any]
+    seq: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Provider:
+    kind: str
+    syscalls: tuple[SyscallSpec, ...]
+    #: covers(scope, sys, args) -> True when a capability with this scope authorizes the call
+    #: (the kernel has already checked the right named in the syscall's row).
+    covers: Callable[[Mapping[str, Any], str, Mapping[str, Any]], bool]
+    #: run(args, info) -> value, on an effect worker thread; raise KernelError for a typed failure.
+    run: Callable[[Mapping[str, Any], CallInfo], Any]
+    #: The kernel's own rendering of the effect for the log and for approvers (never the model's words).
+    describe: Callable[[str, Mapping[str, Any]], dict[str, Any]] | None = None
+    #: Scope fields of this kind and their types ("str", "num", "list[str]", ...), for validation.
+    scope_keys: Mapping[str, str] = field(default_factory=dict)
+    #: Narrowing check for derived capabilities; default: generic (lists subset, numbers <=, strings equal).
+    within: Callable[[Mapping[str, Any], Mapping[str, Any]], bool] | None = None
+    close: Callable[[], None] | None = None
