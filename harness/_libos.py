@@ -115,7 +115,7 @@ class Judge:
             op = self._open.pop((pid, idx), None)
         if op is None:
             return
-        if pid in self.killed:
+        if pid in self.killed or self._was_killed(pid):
             # A step of a killed process is not judged (SCENARIOS.md, edge rules).
             with self._lock:
                 self.reached.get(pid, set()).discard(idx)
@@ -147,6 +147,19 @@ class Judge:
         finally:
             if op.locked:
                 self._step_lock.release()
+
+    def _was_killed(self, pid: int) -> bool:
+        """Killed by anyone (operator or a proc_kill): then its step is not judged."""
+        if self.rt is None:
+            return False
+        try:
+            state = self.rt.inspect(lambda k: k.procs[pid].state if pid in k.procs else None)
+        except Exception:
+            return False
+        if state == "killed":
+            self.killed.add(pid)
+            return True
+        return False
 
     def on_operator(self, pid: int, script: str, idx: int, step: Mapping[str, Any]) -> None:
         assert self.rt is not None

@@ -215,6 +215,10 @@ def scope_within(kind: str, child: Mapping[str, Any], parent: Mapping[str, Any])
             return _llm_within(child, parent)
         if kind == "image":
             return _image_within(child, parent)
+        if kind == "proc":
+            images_ok = "images" not in parent or ("images" in child and all(
+                any(glob_within(c, p) for p in parent["images"]) for c in child["images"]))
+            return images_ok and _num_within(child.get("max_children"), parent.get("max_children"))
         return _generic_within(kind, child, parent)
     except KernelError:
         return False

@@ -178,6 +178,7 @@ class Kernel(pykka.ThreadingActor):
         self.images: dict[str, dict[str, Any]] = {}
         self.memory: dict[str, dict[str, Any]] = {}
         self._conns: dict[bytes, Caller] = {}
+        self._ended_conns: dict[bytes, tuple[int, str]] = {}
         self._tokens: dict[str, int] = {}
         self._host_conn: bytes | None = None
         self._host_backlog: list[Command] = []
@@ -381,7 +382,10 @@ class Kernel(pykka.ThreadingActor):
             return
         caller = self._conns.get(conn)
         if caller is None:
-            self._reply(conn, Reply.failure(msg.id, "EPERM", "this connection is not attached: send hello with a token first"))
+            ended = self._ended_conns.get(conn)
+            why = (f"process {ended[0]} has ended ({ended[1]})" if ended
+                   else "this connection is not attached: send hello with a token first")
+            self._reply(conn, Reply.failure(msg.id, "EPERM", why))
             return
         if self.failed:
             self._reply(conn, Reply.failure(msg.id, "EIO", self.failed))
@@ -484,7 +488,8 @@ class Kernel(pykka.ThreadingActor):
             body["message"] = outcome.message
         if outcome.detail:
             body["detail"] = outcome.detail
-        inline = allowed and outcome.effect is None and outcome.park is None and outcome.apply is None
+        inline = (allowed and outcome.effect is None and outcome.park is None and outcome.apply is None
+                  and (outcome.cap is None or outcome.cap.approval != "always"))
         if inline:
             # An effect on kernel state is atomic with its entry: one entry records the decision
             # and the result, and nothing is visible outside before it is durable.
@@ -502,6 +507,17 @@ class Kernel(pykka.ThreadingActor):
         if not allowed:
             self._reply(conn, Reply(req.id, False, error=KernelError(outcome.code or "EPERM", outcome.message), seq=seq))
             return
+        if inline:
+            self._reply(conn, Reply(req.id, True, outcome.value, seq=seq))
+            return
+        if cap is not None and cap.approval == "always":
+            self._ask_approval(conn, req.id, proc, spec, args, cap, outcome, seq)
+            return
+        self._carry_out(conn, req.id, proc, spec, outcome, seq)
+
+    def _carry_out(self, conn: bytes, rid: int, proc: Proc, spec: SyscallSpec, outcome: Outcome, seq: int) -> None:
+        """Run what a logged decision allowed: an effect off this thread, an apply, or a park."""
+        req = _Rid(rid)  # the request's id is all that is needed past this point
         if outcome.effect is not None:
             self._tickets += 1
             self._pending[self._tickets] = Pending(conn, req.id, proc.pid, spec.name, seq, outcome.after)
@@ -520,7 +536,7 @@ class Kernel(pykka.ThreadingActor):
                 return
             self._finish(conn, req.id, proc.pid, spec.name, seq, value, None)
             return
-        self._reply(conn, Reply(req.id, True, outcome.value, seq=seq))
+        self._finish(conn, req.id, proc.pid, spec.name, seq, outcome.value, None)
 
     # --- parked requests (waits, receives) -----------------------------------------------------
     def _park_timeout(self, key: int, timeout_s: float | None) -> None:
@@ -802,16 +818,24 @@ class Kernel(pykka.ThreadingActor):
                 raise KernelError("EINVAL", "the value is not msgpack-serializable") from None
             if size > self.config.mem_value_max_bytes:
                 raise KernelError("EINVAL", f"value of {size} bytes exceeds the {self.config.mem_value_max_bytes}-byte limit")
-            store = self.memory.setdefault(store_key, {})
-            if key not in store and len(store) >= self.config.mem_keys_max:
+            full = store is not None and key not in store and len(store) >= self.config.mem_keys_max
+            if full:
                 raise KernelError("EINVAL", f"namespace {ns!r} is full ({self.config.mem_keys_max} keys)")
-            store[key] = args["value"]
-            return Outcome.allow(cap, value={})
+
+            def put(_seq: int) -> Any:
+                self.memory.setdefault(store_key, {})[key] = args["value"]
+                return {}
+
+            return Outcome.allow(cap, apply=put)
         if op == "delete":
             if store is None or key not in store:
                 raise KernelError("ENOENT", f"no key {key!r} in namespace {ns!r}")
-            del store[key]
-            return Outcome.allow(cap, value={})
+
+            def delete(_seq: int) -> Any:
+                self.memory.get(store_key, {}).pop(key, None)
+                return {}
+
+            return Outcome.allow(cap, apply=delete)
         raise KernelError("ENOSYS", spec.name)
 
     def _self_owner(self, cap: CapRecord) -> int:
@@ -934,7 +958,7 @@ class Kernel(pykka.ThreadingActor):
             raise KernelError("EPERM", f"{target!r} is not a descendant of process {proc.pid}")
         child = self.procs[target]
         if name == "proc.kill":
-            return Outcome.allow(cap, value={"killed": self._kill(child)})
+            return Outcome.allow(cap, apply=lambda _seq: {"killed": self._kill(child)})
         # proc.wait
         if child.state not in LIVE:
             return Outcome.allow(cap, value={"pid": child.pid, "status": child.status, "result": child.result})
@@ -991,8 +1015,11 @@ class Kernel(pykka.ThreadingActor):
         model = img.get("model") or proc.model
         daemon = False
 
+        # A child starts its first turn at once (with an empty message when no input was given).
+        child_input = args.get("input") if args.get("input") is not None else ""
+
         def apply(seq: int) -> Any:
-            child = self._create_process(image, proc.pid, model, budget, daemon, args.get("input"), _now(), cause=seq)
+            child = self._create_process(image, proc.pid, model, budget, daemon, child_input, _now(), cause=seq)
             for src, narrow, as_name in plan:
                 new = self.caps.derive(src, narrow, holder=child.pid, now=_now(), handle=as_name, via=via)
                 assert new is not None
@@ -1264,6 +1291,9 @@ class Kernel(pykka.ThreadingActor):
         self._tokens.pop(proc.token, None)
         if proc.conn is not None:
             self._conns.pop(proc.conn, None)
+            self._ended_conns[proc.conn] = (proc.pid, state)
+            if len(self._ended_conns) > 10_000:
+                self._ended_conns.pop(next(iter(self._ended_conns)))
         # Live children are reparented to the exiting process's parent.
         parent = self.procs.get(proc.ppid) if proc.ppid is not None else None
         for cpid in proc.children:
@@ -1463,6 +1493,11 @@ class Kernel(pykka.ThreadingActor):
 _PARKED = object()
 
 
+@dataclass(frozen=True, slots=True)
+class _Rid:
+    id: int
+
+
 def image_digest(image: dict[str, Any]) -> str:
     """Content address of an image: sha256 of the canonical msgpack of everything but its name
     (never capabilities: an image has none)."""
@@ -1506,8 +1541,10 @@ class Outcome:
 
     @classmethod
     def allow(cls, cap: CapRecord | None, *, value: Any = None, effect: Callable[[], Any] | None = None,
-              extra: dict[str, float] | None = None, detail: dict[str, Any] | None = None) -> Outcome:
+              extra: dict[str, float] | None = None, detail: dict[str, Any] | None = None,
+              apply: Callable[[int], Any] | None = None) -> Outcome:
         o = cls()
+        o.apply = apply
         o.cap, o.value, o.effect = cap, value, effect
         o.extra_charges = extra or {}
         o.detail = detail
