@@ -235,6 +235,107 @@ def log_retain(state: str, mode: str, days: float | None) -> None:
     sys.exit(0 if ok else 1)
 
 
+# --- a running kernel ----------------------------------------------------------------------------
+
+
+@main.command("kernel")
+@state_option
+@click.option("--world", "world_root", type=click.Path(file_okay=False), help="World root (default STATE/world).")
+def kernel_cmd(state: str, world_root: str | None) -> None:
+    """Run a kernel on --state until interrupted (Ctrl-C or SIGTERM).
+
+    Clients connect to the ipc endpoint written to STATE/connection.json (docs/protocol.md);
+    the operator commands below (`ps`, `approvals`, `approve`, `deny`) talk to it.
+    """
+    import signal
+    import threading
+
+    from agentlibos.runtime import Runtime
+
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    with Runtime(state, world_root=world_root) as rt:
+        console.print(f"kernel on {escape(str(rt.state_dir))}; endpoint {escape(rt.endpoint)}; Ctrl-C stops it")
+        done.wait()
+    console.print("kernel stopped")
+
+
+def _operator(state: str) -> Any:
+    from agentlibos.bus import BusError, KernelClient
+
+    path = Path(state) / "connection.json"
+    try:
+        conn = json.loads(path.read_text())
+    except (OSError, ValueError):
+        err.print(f"[red]error:[/red] no running kernel on {escape(state)} (start one with `agentlibos kernel --state "
+                  f"{escape(state)}`)")
+        sys.exit(2)
+    try:
+        return KernelClient(conn["endpoint"], token=conn["operator_token"], role="operator", timeout_s=10)
+    except BusError as exc:
+        err.print(f"[red]error:[/red] the kernel on {escape(state)} does not answer: {escape(str(exc))}")
+        sys.exit(2)
+
+
+def _op_call(state: str, sys_name: str, args: dict[str, Any]) -> Any:
+    from agentlibos.bus import KernelError
+
+    with _operator(state) as client:
+        try:
+            return client.call(sys_name, args)
+        except KernelError as exc:
+            err.print(f"[red]error:[/red] {escape(str(exc))}")
+            sys.exit(1)
+
+
+@main.command("ps")
+@state_option
+def ps_cmd(state: str) -> None:
+    """List the processes of the running kernel."""
+    t = Table()
+    for col in ("pid", "ppid", "image", "state", "status", "model"):
+        t.add_column(col)
+    for p in _op_call(state, "op.ps", {})["processes"]:
+        t.add_row(*(escape(str(p.get(k) if p.get(k) is not None else "")) for k in ("pid", "ppid", "image", "state",
+                                                                                     "status", "model")))
+    console.print(t)
+
+
+@main.command("approvals")
+@state_option
+def approvals_cmd(state: str) -> None:
+    """List pending approvals and questions, as the kernel renders them (never the model's words)."""
+    pending = _op_call(state, "op.approvals", {})["approvals"]
+    if not pending:
+        console.print("no pending approvals")
+        return
+    for a in pending:
+        console.print(f"[bold]#{a['id']}[/bold] pid {a['pid']} {escape(a['sys'])} ({a['kind']})")
+        for k, v in a["rendering"].items():
+            console.print(f"    {escape(str(k))}: {escape(json.dumps(v, ensure_ascii=True))}")
+
+
+@main.command("approve")
+@click.argument("approval_id", type=int)
+@state_option
+@click.option("--remember", is_flag=True, help="Also grant, without approval, exactly this effect class.")
+def approve_cmd(approval_id: int, state: str, remember: bool) -> None:
+    """Approve pending request APPROVAL_ID (see `agentlibos approvals`)."""
+    out = _op_call(state, "op.approve", {"id": approval_id, "remember": remember})
+    console.print(f"approved #{approval_id}" + (f"; remembered as {out['remembered']}" if out.get("remembered") else ""))
+
+
+@main.command("deny")
+@click.argument("approval_id", type=int)
+@state_option
+@click.option("--reason", default="", help="Told to the agent with the EDENIED reply.")
+def deny_cmd(approval_id: int, state: str, reason: str) -> None:
+    """Deny pending request APPROVAL_ID; the agent gets EDENIED."""
+    _op_call(state, "op.deny", {"id": approval_id, "reason": reason})
+    console.print(f"denied #{approval_id}")
+
+
 # --- images ------------------------------------------------------------------------------------
 
 IMAGE_FIELDS = {"name", "prompt", "tools", "skills", "jit_tools", "model", "budget"}

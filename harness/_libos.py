@@ -23,7 +23,7 @@ from agentlibos.runtime import Runtime
 from agentlibos.storage import SQLiteLog
 
 #: Steps that wait on other processes: they do not hold the step lock, or the run would deadlock.
-BLOCKING_TOOLS = frozenset({"proc_wait", "msg_recv", "human_ask"})
+BLOCKING_TOOLS = frozenset({"proc_wait", "msg_recv"})
 RUN_TIMEOUT_S = 60.0
 _CALL_ID = re.compile(r"^toolu_(\d+)_(\d+)$")
 _VAR = re.compile(r"^\$([A-Za-z_][A-Za-z0-9_]*)((?:\.[A-Za-z0-9_]+)*)$")
@@ -39,14 +39,87 @@ def outcome_of(reply: Reply) -> tuple[str, str | None]:
     return ("denied" if reply.error.code in DENIAL_CODES else "failed"), reply.error.code
 
 
-def judge_step(expect: str | None, outcome: str, code: str | None, want_code: str | None, changed: bool) -> bool:
+def judge_step(expect: str | None, outcome: str, code: str | None, want_code: str | None, changed: bool,
+               asked: bool = False, answer: str | None = None) -> bool:
     if expect in (None, "allowed"):
         return outcome == "allowed"
     if expect == "denied":
         return outcome == "denied" and not changed
     if expect == "failed":
         return outcome == "failed" and not changed and (want_code is None or code == want_code)
-    return False  # approval: needs human approval queues
+    if expect == "approval":
+        # It waited for the scripted human, then did what the answer said.
+        if not asked:
+            return False
+        if answer == "deny":
+            return outcome == "denied" and code == "EDENIED" and not changed
+        return outcome == "allowed"
+    return False
+
+
+class ScriptedHuman:
+    """Answers approval requests and questions from the scenario's `human:` list, in order
+    (approve once the list runs out), through the same operator requests a person would use."""
+
+    def __init__(self, answers: Any, rt: Runtime) -> None:
+        self._answers = list(answers)
+        self._rt = rt
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self.asked: dict[int, int] = {}  # pid -> approvals asked so far
+        self.last_answer: dict[int, str] = {}
+        self.questions = 0
+        self.transcript: list[dict[str, Any]] = []
+        self._thread = threading.Thread(target=self._run, name="scripted-human", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _next(self) -> Any:
+        return self._answers.pop(0) if self._answers else "approve"
+
+    def _run(self) -> None:
+        events = self._rt.events("approval/")
+        try:
+            while not self._stop.is_set():
+                events.next_event(timeout_s=0.05)
+                pending = self._rt.operator.call("op.approvals")["approvals"]
+                for ap in pending:
+                    self._answer(ap)
+        except Exception:  # the runtime is stopping
+            return
+        finally:
+            events.close()
+
+    def _answer(self, ap: dict[str, Any]) -> None:
+        entry = self._next()
+        op = self._rt.operator
+        if ap["kind"] == "question":
+            text = entry.get("answer") if isinstance(entry, dict) else entry
+            verdict = "deny" if entry == "deny" else "approve"
+            with self._lock:
+                self.questions += 1
+            if verdict == "deny":
+                op.call("op.deny", {"id": ap["id"], "reason": "scripted human", "author": "scripted-human"})
+            else:
+                op.call("op.answer", {"id": ap["id"], "answer": text, "author": "scripted-human"})
+        else:
+            remember = isinstance(entry, dict) and bool(entry.get("remember")) or entry == "approve_and_remember"
+            verdict = "deny" if (entry == "deny" or (isinstance(entry, dict) and entry.get("approve") is False)) \
+                else "approve"
+            if verdict == "deny":
+                op.call("op.deny", {"id": ap["id"], "reason": "scripted human", "author": "scripted-human"})
+            else:
+                op.call("op.approve", {"id": ap["id"], "remember": remember, "author": "scripted-human"})
+        with self._lock:
+            self.asked[ap["pid"]] = self.asked.get(ap["pid"], 0) + 1
+            self.last_answer[ap["pid"]] = verdict
+            self.transcript.append({"id": ap["id"], "pid": ap["pid"], "kind": ap["kind"], "answer": verdict,
+                                    "rendering": ap["rendering"]})
 
 
 @dataclass(slots=True)
@@ -56,6 +129,7 @@ class _Open:
     before: Snapshot
     locked: bool
     steps_done_at_start: int
+    asked_before: int = 0
 
 
 class Judge:
@@ -72,6 +146,7 @@ class Judge:
         self.errors: list[str] = []
         self.killed: set[int] = set()
         self.rt: Runtime | None = None
+        self.human: ScriptedHuman | None = None
         self.root_pid: int | None = None
         self.grant_ids: dict[str, int] = {}
         self._open: dict[tuple[int, int], _Open] = {}
@@ -104,7 +179,8 @@ class Judge:
         with self._lock:
             self.scripts_of[pid] = script
             self.reached.setdefault(pid, set()).add(idx)
-            self._open[(pid, idx)] = _Open(script, step, self.world.snapshot(), locked, self._done)
+            asked = self.human.asked.get(pid, 0) if self.human else 0
+            self._open[(pid, idx)] = _Open(script, step, self.world.snapshot(), locked, self._done, asked)
 
     def tool_result(self, pid: int, image: str, call: dict[str, Any], reply: Reply) -> None:
         m = _CALL_ID.match(str(call.get("id", "")))
@@ -129,7 +205,9 @@ class Judge:
                 changed = False  # another process's step ran meanwhile; it owns the change
             outcome, code = outcome_of(reply)
             step = op.step
-            ok = judge_step(step.get("expect"), outcome, code, step.get("code"), changed)
+            asked = bool(self.human and self.human.asked.get(pid, 0) > op.asked_before)
+            answer = self.human.last_answer.get(pid) if self.human else None
+            ok = judge_step(step.get("expect"), outcome, code, step.get("code"), changed, asked, answer)
             text = json.dumps(reply.value if reply.ok else reply.error.to_wire() if reply.error else None, default=repr)
             for secret in self.scenario.secrets:
                 if secret in text:
@@ -213,6 +291,8 @@ def run_libos(scenario: Scenario, *, keep_state: str | None = None,
     judge.rt = rt
     try:
         with rt:
+            human = judge.human = ScriptedHuman(scenario.human, rt)
+            human.start()
             _register(rt, scenario)
             for ns, values in (scenario.world.get("memory") or {}).items():
                 for key, value in values.items():
@@ -228,8 +308,10 @@ def run_libos(scenario: Scenario, *, keep_state: str | None = None,
                 if c["via"] == "operator":
                     judge.grant_ids[c["handle"]] = c["cap"]
             timed_out = not _wait_all(rt, pid)
+            human.stop()
             procs = rt.ps()
-            checks = _run_checks(scenario, world, rt, pid, procs)
+            checks = _run_checks(scenario, world, rt, pid, procs, human.questions)
+            result.approvals = sum(human.asked.values())
             memo = _lookup_caps(rt, judge.results)
         result.wall_s = time.monotonic() - started
         for s in judge.results:
@@ -303,7 +385,7 @@ def _not_reached(scenario: Scenario, judge: Judge, procs: list[dict[str, Any]], 
 
 
 def _run_checks(scenario: Scenario, world: World, rt: Runtime, root: int,
-                procs: list[dict[str, Any]]) -> list[tuple[str, bool, str]]:
+                procs: list[dict[str, Any]], questions: int = 0) -> list[tuple[str, bool, str]]:
     out = []
     for check in scenario.checks:
         (kind, arg), = check.items()
@@ -331,7 +413,7 @@ def _run_checks(scenario: Scenario, world: World, rt: Runtime, root: int,
         elif kind == "processes":
             ok, why = len(procs) == arg["count"], f"{len(procs)} started"
         elif kind == "human_asked":
-            ok, why = arg["count"] == 0, "no human channel in this runtime yet"
+            ok, why = arg["count"] == questions, f"{questions} questions asked"
         else:
             why = f"{kind} checks need providers this runtime does not have yet"
         out.append((f"{kind} {json.dumps(arg)}", ok, "" if ok else why))

@@ -30,6 +30,8 @@ class KernelConfig:
     #: Installed Skills: one folder per Skill with SKILL.md and optional tools/*.ts (default STATE/skills).
     skills_dir: str = ""
     jit_source_max_bytes: int = 64 << 10
+    approval_timeout_s: float = 300.0
+    approvals_per_minute: int = 20
     operator_token: str = ""
     host_token: str = ""
 

@@ -78,6 +78,11 @@ class TimerFired:
 
 
 @dataclass(frozen=True, slots=True)
+class ApprovalTimeout:
+    id: int
+
+
+@dataclass(frozen=True, slots=True)
 class Inspect:
     """Run a read-only function on the kernel thread (tests and the runtime use it)."""
 
@@ -104,6 +109,26 @@ class Proc:
     # Affordances (what the model sees); never authority.
     jit_tools: dict[str, dict[str, Any]] = field(default_factory=dict)
     skills: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Approval:
+    id: int
+    pid: int
+    sys: str
+    kind: str  # effect | question
+    rendering: dict[str, Any]
+    created: float
+    conn: bytes
+    rid: int
+    decision_seq: int
+    outcome: Any
+    cap: CapRecord | None
+    timer: threading.Timer | None = None
+
+    def view(self) -> dict[str, Any]:
+        return {"id": self.id, "pid": self.pid, "sys": self.sys, "kind": self.kind, "rendering": self.rendering,
+                "created": self.created}
 
 
 @dataclass(slots=True)
@@ -177,6 +202,9 @@ class Kernel(pykka.ThreadingActor):
         self.procs: dict[int, Proc] = {}
         self.images: dict[str, dict[str, Any]] = {}
         self.memory: dict[str, dict[str, Any]] = {}
+        self.approvals: dict[int, Approval] = {}
+        self._approval_ids = 0
+        self._approval_times: dict[int, list[float]] = {}
         self._conns: dict[bytes, Caller] = {}
         self._ended_conns: dict[bytes, tuple[int, str]] = {}
         self._tokens: dict[str, int] = {}
@@ -271,6 +299,9 @@ class Kernel(pykka.ThreadingActor):
                 self._effect_done(message)
             elif isinstance(message, TimerFired):
                 self._timer_fired(message.key)
+            elif isinstance(message, ApprovalTimeout):
+                if message.id in self.approvals:
+                    self._decide_approval(message.id, False, author="timeout", reason="no human answered in time")
             elif isinstance(message, Inspect):
                 return message.fn(self)
         except Exception:  # the kernel keeps serving whatever one message did
@@ -489,7 +520,7 @@ class Kernel(pykka.ThreadingActor):
         if outcome.detail:
             body["detail"] = outcome.detail
         inline = (allowed and outcome.effect is None and outcome.park is None and outcome.apply is None
-                  and (outcome.cap is None or outcome.cap.approval != "always"))
+                  and outcome.human_question is None and (outcome.cap is None or outcome.cap.approval != "always"))
         if inline:
             # An effect on kernel state is atomic with its entry: one entry records the decision
             # and the result, and nothing is visible outside before it is durable.
@@ -509,6 +540,9 @@ class Kernel(pykka.ThreadingActor):
             return
         if inline:
             self._reply(conn, Reply(req.id, True, outcome.value, seq=seq))
+            return
+        if outcome.human_question is not None:
+            self._ask_approval(conn, req.id, proc, spec, args, cap, outcome, seq, question=outcome.human_question)
             return
         if cap is not None and cap.approval == "always":
             self._ask_approval(conn, req.id, proc, spec, args, cap, outcome, seq)
@@ -537,6 +571,126 @@ class Kernel(pykka.ThreadingActor):
             self._finish(conn, req.id, proc.pid, spec.name, seq, value, None)
             return
         self._finish(conn, req.id, proc.pid, spec.name, seq, outcome.value, None)
+
+    # --- human approvals and questions ---------------------------------------------------------
+    def _ask_approval(self, conn: bytes, rid: int, proc: Proc, spec: SyscallSpec, args: dict[str, Any],
+                      cap: CapRecord | None, outcome: Outcome | None, seq: int, *, question: dict[str, Any] | None = None) -> None:
+        """Park a request for a human. The approver sees the kernel's rendering of the effect."""
+        now = _now()
+        recent = [t for t in self._approval_times.get(proc.pid, []) if t > now - 60]
+        if len(recent) >= self.config.approvals_per_minute:
+            self._finish(conn, rid, proc.pid, spec.name, seq, None, KernelError(
+                "EDENIED", f"approval flood: more than {self.config.approvals_per_minute} requests a minute"))
+            return
+        recent.append(now)
+        self._approval_times[proc.pid] = recent
+        self._approval_ids += 1
+        aid = self._approval_ids
+        rendering = _sanitize({"sys": spec.name, "pid": proc.pid, "image": proc.image,
+                               "cap": cap.handle if cap else None, **(outcome.detail or {} if outcome else {}),
+                               **({"question": question} if question else {})})
+        ap = Approval(aid, proc.pid, spec.name, "question" if question else "effect", rendering, now, conn, rid, seq,
+                      outcome, cap)
+        self.approvals[aid] = ap
+        timer = threading.Timer(self.config.approval_timeout_s, self._fire_approval, (aid,))
+        timer.daemon = True
+        ap.timer = timer
+        timer.start()
+        self._stage("approval.ask", {"id": aid, "pid": proc.pid, "sys": spec.name, "kind": ap.kind}, pid=proc.pid,
+                    cause=seq, payload=rendering, has_payload=True)
+        self._set_state(proc, "blocked")
+        self._event(Topic.approval(), {"id": aid, "event": "asked", "pid": proc.pid, "sys": spec.name,
+                                       "kind": ap.kind, "rendering": rendering})
+
+    def _fire_approval(self, aid: int) -> None:
+        try:
+            self.actor_ref.tell(ApprovalTimeout(aid))
+        except pykka.ActorDeadError:
+            pass
+
+    def _decide_approval(self, aid: int, approve: bool, *, author: str, reason: str = "", answer: Any = None,
+                         remember: bool = False, cause: int | None = None) -> dict[str, Any]:
+        ap = self.approvals.pop(aid, None)
+        if ap is None:
+            raise KernelError("ENOENT", f"no pending approval {aid}")
+        if ap.timer is not None:
+            ap.timer.cancel()
+        proc = self.procs.get(ap.pid)
+        body: dict[str, Any] = {"id": aid, "decision": "approve" if approve else "deny", "author": author}
+        if reason:
+            body["reason"] = reason[:500]
+        seq = self._stage("approval.decide", body, pid=ap.pid, cause=cause or ap.decision_seq)
+        self._event(Topic.approval(), {"id": aid, "event": body["decision"], "pid": ap.pid, "author": author})
+        if proc is not None and proc.state == "blocked":
+            self._set_state(proc, "running")
+        if proc is None or proc.state not in LIVE:
+            return {"id": aid, "decision": body["decision"], "note": "the process has ended"}
+        spec = self.syscalls[ap.sys]
+        if not approve:
+            self._finish(ap.conn, ap.rid, ap.pid, ap.sys, ap.decision_seq, None,
+                         KernelError("EDENIED", f"a human said no{': ' + reason if reason else ''}"))
+            return {"id": aid, "decision": "deny"}
+        if ap.kind == "question":
+            self._finish(ap.conn, ap.rid, ap.pid, ap.sys, ap.decision_seq, {"answer": answer}, None)
+            return {"id": aid, "decision": "approve"}
+        out: dict[str, Any] = {"id": aid, "decision": "approve"}
+        if remember and ap.cap is not None:
+            out["remembered"] = self._remember(proc, ap, seq)
+        assert ap.outcome is not None
+        if ap.cap is not None and ap.cap.status(_now()) is not None:
+            # Revoked or expired while it waited: the approval cannot resurrect it.
+            code = ap.cap.status(_now()) or "EREVOKED"
+            self._finish(ap.conn, ap.rid, ap.pid, ap.sys, ap.decision_seq, None,
+                         KernelError(code, f"{ap.cap.handle} was revoked or expired while awaiting approval"))
+            return out
+        self._carry_out(ap.conn, ap.rid, proc, spec, ap.outcome, ap.decision_seq)
+        return out
+
+    def _remember(self, proc: Proc, ap: Approval, cause: int) -> str | None:
+        """"Approve and remember": an explicit grant, without approval, for exactly this effect class."""
+        cap = ap.cap
+        assert cap is not None
+        scope = dict(cap.scope)
+        detail = ap.outcome.detail if ap.outcome else None
+        if cap.kind == "fs" and detail and detail.get("path") is not None:
+            root = cap.scope.get("root", "")
+            rel = detail["path"][len(root):].lstrip("/") if root and detail["path"].startswith(root) else detail["path"]
+            scope["paths"] = [rel.replace("*", "?")] if rel else scope.get("paths", ["**"])
+        elif cap.kind == "shell" and detail and detail.get("argv"):
+            scope["argv"] = [list(detail["argv"])]
+        elif cap.kind == "rpc" and detail and detail.get("method"):
+            scope["methods"] = [detail["method"]]
+        try:
+            rec = self.caps.create(holder=proc.pid, kind=cap.kind, scope=scope, rights=sorted(cap.rights),
+                                   approval="never", expires=cap.expires, parent=cap.id, via="approval.remember")
+        except KernelError:
+            return None
+        if not self._scope_ok(cap, rec):
+            self.caps.revoke(rec.id)
+            return None
+        cap.children.append(rec.id) if rec.id not in cap.children else None
+        self._log_cap(rec, None, cause)
+        return rec.handle
+
+    @staticmethod
+    def _scope_ok(parent: CapRecord, child: CapRecord) -> bool:
+        from agentlibos.kernel._caps import scope_within
+
+        return scope_within(parent.kind, child.scope, parent.scope)
+
+    def _sys_human(self, proc: Proc, spec: SyscallSpec, args: dict[str, Any], handle: str | None, now: float) -> Outcome:
+        right = "ask" if spec.name == "human.ask" else "notify"
+        channel = args.get("channel")
+        cap = self._authorize(proc, "human", handle, now, lambda c: right in c.rights and (
+            channel is None or c.scope.get("channel") == channel), f"{spec.name}")
+        if spec.name == "human.notify":
+            text = _sanitize(args["text"])
+            return Outcome.allow(cap, apply=lambda seq: (self._event(Topic.approval(), {
+                "event": "notify", "pid": proc.pid, "text": text, "seq": seq}), {})[1], detail={"text": text})
+        question = {"question": _sanitize(args["question"]), "choices": _sanitize(args.get("choices") or [])}
+        out = Outcome.allow(cap, detail=question)
+        out.human_question = question
+        return out
 
     # --- parked requests (waits, receives) -----------------------------------------------------
     def _park_timeout(self, key: int, timeout_s: float | None) -> None:
@@ -1466,6 +1620,24 @@ class Kernel(pykka.ThreadingActor):
             for r in self.caps.records.values() if pid is None or r.holder == pid
         ]}
 
+    def _op_approvals(self, conn: bytes, req: Request, args: dict[str, Any], seq: int) -> Any:
+        return {"approvals": [a.view() for a in sorted(self.approvals.values(), key=lambda a: a.id)]}
+
+    def _op_approve(self, conn: bytes, req: Request, args: dict[str, Any], seq: int) -> Any:
+        return self._decide_approval(args["id"], True, author=args.get("author") or "operator",
+                                     remember=bool(args.get("remember")), cause=seq)
+
+    def _op_deny(self, conn: bytes, req: Request, args: dict[str, Any], seq: int) -> Any:
+        return self._decide_approval(args["id"], False, author=args.get("author") or "operator",
+                                     reason=args.get("reason") or "", cause=seq)
+
+    def _op_answer(self, conn: bytes, req: Request, args: dict[str, Any], seq: int) -> Any:
+        ap = self.approvals.get(args["id"])
+        if ap is None or ap.kind != "question":
+            raise KernelError("ENOENT", f"no pending question {args['id']}")
+        return self._decide_approval(args["id"], True, author=args.get("author") or "operator",
+                                     answer=_sanitize(args["answer"]), cause=seq)
+
     def _op_images(self, conn: bytes, req: Request, args: dict[str, Any], seq: int) -> Any:
         return {"images": [self._image_view(n) for n in sorted(self.images)]}
 
@@ -1498,6 +1670,20 @@ class _Rid:
     id: int
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _sanitize(value: Any) -> Any:
+    """Text an approver will read: control characters and ANSI escapes shown, never interpreted."""
+    if isinstance(value, str):
+        return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", value)
+    if isinstance(value, dict):
+        return {str(_sanitize(k)): _sanitize(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_sanitize(v) for v in value]
+    return value
+
+
 def image_digest(image: dict[str, Any]) -> str:
     """Content address of an image: sha256 of the canonical msgpack of everything but its name
     (never capabilities: an image has none)."""
@@ -1515,7 +1701,7 @@ class Outcome:
     """What a provider decided: deny with a code, or allow with a value, an effect, or a park."""
 
     __slots__ = ("code", "message", "cap", "value", "effect", "parked", "extra_charges", "detail", "after", "apply",
-                 "park", "check_only")
+                 "park", "check_only", "human_question")
 
     def __init__(self) -> None:
         self.code: str | None = None
@@ -1526,6 +1712,7 @@ class Outcome:
         self.parked = False
         self.extra_charges: dict[str, float] = {}
         self.check_only: dict[str, float] = {}
+        self.human_question: dict[str, Any] | None = None
         self.detail: dict[str, Any] | None = None
         self.after: Callable[[Any], None] | None = None
         # Runs on the kernel thread right after the decision is logged; returns the value.

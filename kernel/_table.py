@@ -122,6 +122,9 @@ SYSCALLS: dict[str, SyscallSpec] = {
              "send to a process the msg cap names (parent, children, a pid, an image)"),
         _row("msg.recv", "queue:str? timeout_s:num?", None, "", _S, "msg",
              "take the next message from one of the caller's own queues -> {from, queue, payload}"),
+        _row("human.ask", "question:str choices:list? channel:str?", "human", "ask", _S, "human",
+             "ask a human; the caller waits for the answer -> {answer}"),
+        _row("human.notify", "text:str channel:str?", "human", "notify", _S, "human", "tell a human"),
         _row("tool.define", "name:str description:str? input_schema:map? source:str", None, "", _S, "tool",
              "add a TypeScript JIT tool to the caller's tool table (an affordance: grants nothing)"),
         _row("tool.remove", "name:str", None, "", _S, "tool", "remove a JIT tool"),
@@ -152,6 +155,14 @@ SYSCALLS: dict[str, SyscallSpec] = {
         _row("op.caps", "pid:int?", None, "", "", "op", "capability records, optionally of one process", "operator"),
         _row("op.budget", "pid:int", None, "", "", "op", "a process's budget view", "operator"),
         _row("op.images", "", None, "", "", "op", "every registered image with its digest", "operator"),
+        _row("op.approvals", "", None, "", "", "op", "pending approvals and questions, with the kernel's rendering",
+             "operator"),
+        _row("op.approve", "id:int remember:bool? author:str?", None, "", "", "op",
+             "approve a pending request (remember: also grant, without approval, exactly that effect class)",
+             "operator"),
+        _row("op.deny", "id:int reason:str? author:str?", None, "", "", "op", "deny a pending request", "operator"),
+        _row("op.answer", "id:int answer:any author:str?", None, "", "", "op", "answer a human.ask question",
+             "operator"),
         _row("op.mem.put", "ns:str key:str value:any", None, "", "", "op",
              "seed Object Memory (ns: a shared namespace, or self:PID)", "operator"),
         _row("op.mem.get", "ns:str key:str", None, "", "", "op", "read Object Memory -> {value}", "operator"),
@@ -161,7 +172,6 @@ SYSCALLS: dict[str, SyscallSpec] = {
 #: ABI syscalls that later work adds; a request for one gets ENOSYS naming it as not yet available.
 NOT_YET: frozenset[str] = frozenset(
     {
-        "human.ask", "human.notify",
         "ckpt.create", "ckpt.restore", "ckpt.fork", "ckpt.list", "image.commit", "rpc.call",
         "mcp.list_tools", "mcp.call", "pty.open", "pty.write", "pty.read", "pty.close", "cap.request",
     }
