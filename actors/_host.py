@@ -122,7 +122,7 @@ class ProcessHost:
             spec = ProcessSpec(
                 pid=cmd.pid, ppid=b.get("ppid"), token=b["token"], image=b.get("image", ""), model=b.get("model", ""),
                 prompt=b.get("prompt", ""), tools=tuple(b.get("tools") or ()), input=b.get("input"),
-                daemon=bool(b.get("daemon")), jit_tools=dict(b.get("jit_tools") or {}),
+                daemon=bool(b.get("daemon")), jit_tools=dict(b.get("jit_tools") or {}), restored=b.get("restored"),
             )
             ref = AgentProcess.start(spec, self._endpoint, self._ctx, observer=self.observer, on_exit=self._gone,
                                      jit=self.jit_runner)

@@ -35,3 +35,5 @@ class ProcessSpec:
     input: Any = None
     daemon: bool = False
     jit_tools: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    #: A fork starts from a checkpoint's affordances: its conversation and JIT tools.
+    restored: Mapping[str, Any] | None = None

@@ -63,6 +63,8 @@ class AgentProcess(pykka.ThreadingActor):
         self.jit_tools: dict[str, dict[str, Any]] = {k: dict(v) for k, v in spec.jit_tools.items()}
         self.instructions: list[str] = []
         self._jit = jit
+        if spec.restored:
+            self._restore(spec.restored)
         self._endpoint = endpoint
         self._ctx = context
         self._observer = observer
@@ -168,11 +170,20 @@ class AgentProcess(pykka.ThreadingActor):
                                             "source": args["source"]}
         elif tool == "tool_remove":
             self.jit_tools.pop(args.get("name", ""), None)
+        elif tool == "ckpt_restore" and isinstance(value, dict) and isinstance(value.get("restored"), dict):
+            self._restore(value["restored"])
         elif tool == "skill_load" and isinstance(value, dict):
             for t in value.get("tools", []):
                 self.jit_tools[t["name"]] = {k: t[k] for k in ("description", "input_schema", "source")}
             if value.get("instructions"):
                 self.instructions.append(str(value["instructions"]))
+
+    def _restore(self, restored: Any) -> None:
+        """Affordances from a checkpoint (the kernel restored the authority side itself)."""
+        self.jit_tools = {k: dict(v) for k, v in (restored.get("jit_tools") or {}).items()}
+        messages = restored.get("messages")
+        if isinstance(messages, list):
+            self.messages = list(messages)
 
     def _run_jit(self, name: str, tool: dict[str, Any], input: Any) -> Reply:
         """Run a JIT tool in the Deno sandbox; its only way out is sys.call, made as this process."""

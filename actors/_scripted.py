@@ -47,11 +47,14 @@ class ScriptedModel:
         on_step: Callable[[int, str, int, Mapping[str, Any]], None] | None = None,
         on_operator: Callable[[int, str, int, Mapping[str, Any]], None] | None = None,
         substitute: Callable[[Any], Any] | None = None,
+        choose: Callable[[int, str], str | None] | None = None,
     ) -> None:
         self.scripts = {k: list(v) for k, v in scripts.items()}
         self._on_step = on_step
         self._on_operator = on_operator
         self._substitute = substitute or (lambda a: a)
+        # Which script a new process plays (default: the one named after its image).
+        self._choose = choose
         self._cursors: dict[int, _Cursor] = {}
         self._assigned: dict[int, str | None] = {}
         self._lock = threading.Lock()
@@ -70,7 +73,12 @@ class ScriptedModel:
         with self._lock:
             cur = self._cursors.get(pid)
             if cur is None:
-                name = self._assigned.pop(pid, image)
+                if pid in self._assigned:
+                    name = self._assigned.pop(pid)
+                elif self._choose is not None:
+                    name = self._choose(pid, image)
+                else:
+                    name = image
                 cur = self._cursors[pid] = _Cursor(name if name in self.scripts else None)
             if cur.explicit_call_pending:
                 cur.explicit_call_pending = False

@@ -29,6 +29,8 @@ import stat
 import subprocess  # noqa: TID251 -- the baselines run programs and deno directly; that is the point
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -173,6 +175,15 @@ class _Proc:
         return {"pid": self.pid, "image": self.image, "state": self.state, "status": self.status}
 
 
+@dataclass(slots=True)
+class _Human:
+    """What the Judge reads of the scripted human: approvals asked per process and the last answer."""
+
+    asked: dict[int, int] = field(default_factory=dict)
+    last_answer: dict[int, str] = field(default_factory=dict)
+    questions: int = 0
+
+
 @dataclass(frozen=True, slots=True)
 class _Request:
     """What ScriptedModel.complete reads from a completion request."""
@@ -218,7 +229,10 @@ class _Wrapper:
         self.jit_dir = world.base / "baseline-jit"
         self.jit_ids = itertools.count(1)
         self.env = {"PATH": os.pathsep.join((str(world.bin), "/usr/local/bin", "/usr/bin", "/bin")),
-                    "WORLD_ROOT": self.root, "HOME": self.root}
+                    "WORLD_ROOT": self.root, "HOME": self.root, **world.servers.env()}
+        self.rpc_urls = world.servers.urls()
+        self.human_state = _Human()
+        self.judge.human = self.human_state  # type: ignore[assignment]
         self.images: dict[str, Mapping[str, Any]] = {ROOT_IMAGE: scenario.image}
         for name, spec in scenario.images.items():
             if "prompt" in spec or "tools" in spec:
@@ -334,8 +348,12 @@ class _Wrapper:
         with self.cv:
             self.approvals += 1
             answer = self.human.pop(0) if self.human else "approve"
-            self.transcript.append({"pid": proc.pid, "tool": tool, "args": dict(args), "answer": answer})
-        if _is_deny(answer):
+            verdict = "deny" if _is_deny(answer) else "approve"
+            self.transcript.append({"pid": proc.pid, "tool": tool, "args": dict(args), "answer": verdict})
+            h = self.human_state
+            h.asked[proc.pid] = h.asked.get(proc.pid, 0) + 1
+            h.last_answer[proc.pid] = verdict
+        if verdict == "deny":
             raise _err("EDENIED", f"the human denied {tool}")
 
     def effect(self, proc: _Proc, tool: str, args: dict[str, Any]) -> Any:
@@ -583,8 +601,30 @@ class _Wrapper:
 
     def _t_human_ask(self, proc: _Proc, args: dict[str, Any]) -> Any:
         with self.cv:
-            answer = self.human.pop(0) if self.human else None
-        return {"answer": answer}
+            entry = self.human.pop(0) if self.human else "approve"
+            self.human_state.questions += 1
+        if _is_deny(entry):
+            raise _err("EDENIED", "the human declined to answer")
+        return {"answer": entry.get("answer") if isinstance(entry, Mapping) else entry}
+
+    def _t_rpc_call(self, proc: _Proc, args: dict[str, Any]) -> Any:
+        """A JSON-RPC 2.0 POST to the endpoint as named (a configured name, or any URL given)."""
+        endpoint = args["endpoint"]
+        url = self.rpc_urls.get(endpoint) or (endpoint if str(endpoint).startswith(("http://", "https://")) else None)
+        if url is None:
+            raise _err("ENOENT", f"no endpoint {endpoint!r}")
+        body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": args["method"], "params": args.get("params", {})},
+                          default=_jsonable).encode()
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"}, method="POST")
+        try:
+            with opener.open(req, timeout=10) as resp:
+                msg = json.loads(resp.read())
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise _err("EIO", f"rpc to {endpoint!r} failed: {exc}") from None
+        if not isinstance(msg, dict) or "result" not in msg:
+            raise _err("EIO", f"rpc error from {endpoint!r}: {msg.get('error') if isinstance(msg, dict) else msg!r}")
+        return {"result": msg["result"]}
 
     # JIT tools and Skills ----------------------------------------------------------------------
     def _t_tool_define(self, proc: _Proc, args: dict[str, Any]) -> Any:
@@ -782,7 +822,8 @@ def _run(scenario: Scenario, policy: str, on_step: Callable[[StepResult], None] 
         w.start(ROOT_IMAGE, None)
         finished = w.wait_all()
         procs = [p.view() for p in list(w.procs.values())]
-        checks = _run_checks(scenario, world, _MemoryView(w.memory), 1, procs)  # type: ignore[arg-type]
+        checks = _run_checks(scenario, world, _MemoryView(w.memory), 1, procs,  # type: ignore[arg-type]
+                             w.human_state.questions)
         result.wall_s = time.monotonic() - started
         result.approvals = w.approvals
         result.steps = sorted(judge.results, key=lambda s: (s.pid or 0, s.index))

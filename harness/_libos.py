@@ -19,6 +19,7 @@ from agentlibos.bus import DENIAL_CODES, KernelError, Reply, ScenarioError
 from agentlibos.harness._results import RunResult, StepResult
 from agentlibos.harness._scenario import ROOT_IMAGE, Scenario
 from agentlibos.harness._world import Snapshot, World
+from agentlibos.kernel import make_rpc_provider
 from agentlibos.runtime import Runtime
 from agentlibos.storage import SQLiteLog
 
@@ -29,7 +30,7 @@ _CALL_ID = re.compile(r"^toolu_(\d+)_(\d+)$")
 _VAR = re.compile(r"^\$([A-Za-z_][A-Za-z0-9_]*)((?:\.[A-Za-z0-9_]+)*)$")
 _TEMPLATE = re.compile(r"\$\{([^}]+)\}")
 
-UNSUPPORTED_WORLD = ("rpc", "mcp")
+UNSUPPORTED_WORLD = ("mcp",)
 
 
 def outcome_of(reply: Reply) -> tuple[str, str | None]:
@@ -145,6 +146,7 @@ class Judge:
         self.leaks: list[str] = []
         self.errors: list[str] = []
         self.killed: set[int] = set()
+        self.fork_scripts: dict[int, list[str | None]] = {}
         self.rt: Runtime | None = None
         self.human: ScriptedHuman | None = None
         self.root_pid: int | None = None
@@ -173,6 +175,9 @@ class Judge:
 
     # hooks ------------------------------------------------------------------------------------
     def on_step(self, pid: int, script: str, idx: int, step: Mapping[str, Any]) -> None:
+        if step.get("tool") == "ckpt_fork":
+            with self._lock:
+                self.fork_scripts.setdefault(pid, []).append(step.get("script"))
         locked = step.get("tool") not in BLOCKING_TOOLS
         if locked:
             self._step_lock.acquire(timeout=RUN_TIMEOUT_S)
@@ -225,6 +230,21 @@ class Judge:
         finally:
             if op.locked:
                 self._step_lock.release()
+
+    def choose_script(self, pid: int, image: str) -> str | None:
+        """A forked process plays the `script:` its ckpt_fork step named (none by default);
+        anything else plays its image's script."""
+        if self.rt is None:
+            return image
+        try:
+            origin, ppid = self.rt.inspect(lambda k: (k.procs[pid].origin, k.procs[pid].ppid))
+        except Exception:
+            return image
+        if origin == "fork":
+            with self._lock:
+                queue = self.fork_scripts.get(ppid, [])
+                return queue.pop(0) if queue else None
+        return image
 
     def _was_killed(self, pid: int) -> bool:
         """Killed by anyone (operator or a proc_kill): then its step is not judged."""
@@ -284,10 +304,11 @@ def run_libos(scenario: Scenario, *, keep_state: str | None = None,
     world = World(scenario).build()
     judge = Judge(scenario, world)
     model = ScriptedModel(scenario.scripts(), on_step=judge.on_step, on_operator=judge.on_operator,
-                          substitute=judge.substitute)
+                          substitute=judge.substitute, choose=judge.choose_script)
     rt = Runtime(keep_state or world.state, world_root=world.root, models={"scripted": model, "*": model},
                  observer=judge, ipc=False, path=(str(world.bin), "/usr/local/bin", "/usr/bin", "/bin"),
-                 shell_env={"WORLD_ROOT": str(world.root), "HOME": str(world.root)}, skills_dir=str(world.skills_dir))
+                 shell_env={"WORLD_ROOT": str(world.root), "HOME": str(world.root), **world.servers.env()},
+                 skills_dir=str(world.skills_dir), providers=[make_rpc_provider(world.servers.urls())])
     judge.rt = rt
     try:
         with rt:
@@ -410,6 +431,9 @@ def _run_checks(scenario: Scenario, world: World, rt: Runtime, root: int,
             except KernelError:
                 value = None
             ok, why = value == arg["value"], f"is {value!r}"
+        elif kind == "rpc_calls":
+            n = world.servers.calls(arg["endpoint"], arg.get("method"))
+            ok, why = n == arg["count"], f"{n} calls"
         elif kind == "processes":
             ok, why = len(procs) == arg["count"], f"{len(procs)} started"
         elif kind == "human_asked":

@@ -19,6 +19,7 @@ import yaml
 
 from agentlibos.bus import ScenarioError
 from agentlibos.harness._scenario import Scenario
+from agentlibos.harness._servers import ServerSet
 
 _WRAPPER = """#!/bin/sh
 printf '%s\\n' "$*" >> '{record}'
@@ -30,6 +31,7 @@ exec '{real}' "$@"
 class Snapshot:
     files: tuple[tuple[str, str], ...]  # (relative path, type:digest), sorted
     runs: tuple[tuple[str, int], ...]
+    rpc: tuple[tuple[str, str, str], ...] = ()  # every request the local servers received
 
     def changed_since(self, other: Snapshot) -> bool:
         return self != other
@@ -40,6 +42,7 @@ class Snapshot:
         out += [f"~{p}" for p in a.keys() & b.keys() if a[p] != b[p]]
         ra, rb = dict(other.runs), dict(self.runs)
         out += [f"ran {n}" for n in rb if rb[n] != ra.get(n, 0)]
+        out += [f"rpc {n} {m}" for n, m, _ in self.rpc[len(other.rpc):]]
         return sorted(out)
 
 
@@ -61,8 +64,17 @@ class World:
         self._progs = self.base / "progs"
         self._runs = self.base / "runs"
         self.initial: Snapshot | None = None
+        self.servers = ServerSet(scenario.world)
 
     def build(self) -> World:
+        self.servers.start()
+        try:
+            return self._build()
+        except BaseException:
+            self.servers.stop()
+            raise
+
+    def _build(self) -> World:
         w = self.scenario.world
         for d in (self.root, self.bin, self._progs, self._runs, self.state):
             d.mkdir(parents=True, exist_ok=True)
@@ -130,7 +142,7 @@ class World:
                     files.append((rel, "dir"))
                 else:
                     files.append((rel, "other"))
-        return Snapshot(tuple(sorted(files)), tuple(sorted(self.program_runs().items())))
+        return Snapshot(tuple(sorted(files)), tuple(sorted(self.program_runs().items())), self.servers.request_log())
 
     def program_runs(self) -> dict[str, int]:
         out = {}
@@ -164,8 +176,9 @@ class World:
         return out
 
     def cleanup(self) -> None:
+        self.servers.stop()
         if self._own:
             shutil.rmtree(self.base, ignore_errors=True)
 
     def substitutions(self) -> dict[str, Any]:
-        return {"world.root": str(self.root)}
+        return {"world.root": str(self.root), **self.servers.substitutions()}

@@ -7,6 +7,7 @@ from agentlibos.kernel._inbox import Inbound
 from agentlibos.kernel._kernel import EffectDone, Inspect, Kernel
 from agentlibos.kernel._models import Completion, CompletionRequest, ModelBackend
 from agentlibos.kernel._provider import CallInfo, Provider
+from agentlibos.kernel._rpc import make_rpc_provider, normalize_url, rpc_within
 from agentlibos.kernel._table import ADDITIONS, NOT_YET, SYSCALLS, ArgSpec, SyscallSpec, tool_name
 
 __all__ = [
@@ -33,7 +34,10 @@ __all__ = [
     "Provider",
     "SYSCALLS",
     "SyscallSpec",
+    "make_rpc_provider",
+    "normalize_url",
     "parse_budget",
+    "rpc_within",
     "scope_within",
     "tool_name",
     "validate_scope",

@@ -55,6 +55,7 @@ REQUIRED_SCOPE: dict[str, tuple[str, ...]] = {
     "shell": ("programs",),
     "memory": ("namespace",),
     "llm": ("models",),
+    "rpc": ("endpoint", "methods"),
 }
 
 

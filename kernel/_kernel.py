@@ -109,6 +109,8 @@ class Proc:
     # Affordances (what the model sees); never authority.
     jit_tools: dict[str, dict[str, Any]] = field(default_factory=dict)
     skills: list[str] = field(default_factory=list)
+    conversation: dict[str, Any] = field(default_factory=dict)
+    origin: str = "spawn"  # spawn | boot | fork
 
 
 @dataclass(slots=True)
@@ -201,6 +203,8 @@ class Kernel(pykka.ThreadingActor):
         self.budgets = BudgetTree()
         self.procs: dict[int, Proc] = {}
         self.images: dict[str, dict[str, Any]] = {}
+        self.checkpoints: dict[int, dict[str, Any]] = {}
+        self._next_ckpt = 0
         self.memory: dict[str, dict[str, Any]] = {}
         self.approvals: dict[int, Approval] = {}
         self._approval_ids = 0
@@ -1019,6 +1023,7 @@ class Kernel(pykka.ThreadingActor):
         backend = self._backend(model)
         if backend is None:
             raise KernelError("EINVAL", f"no model backend serves {model!r}")
+        proc.conversation = {"messages": args["messages"], "system": args.get("system")}
         request = CompletionRequest(pid=proc.pid, image=proc.image, model=model, messages=args["messages"],
                                     tools=args.get("tools") or [], system=args.get("system"), max_tokens=max_tokens)
         node = self.budgets.nodes[proc.pid]
@@ -1137,7 +1142,8 @@ class Kernel(pykka.ThreadingActor):
         return False
 
     def _child_outcome(self, proc: Proc, cap: CapRecord, image: str, args: dict[str, Any], now: float,
-                       via: str) -> Outcome:
+                       via: str, on_child: Callable[[Proc], None] | None = None,
+                       start_extra: dict[str, Any] | None = None) -> Outcome:
         """proc.spawn / image.boot: validate the whole capability list, then create on apply."""
         if image not in self.images:
             raise KernelError("ENOENT", f"no image {image!r} is registered")
@@ -1178,7 +1184,9 @@ class Kernel(pykka.ThreadingActor):
                 new = self.caps.derive(src, narrow, holder=child.pid, now=_now(), handle=as_name, via=via)
                 assert new is not None
                 self._log_cap(new, proc.pid, seq)
-            self._start_process(child)
+            if on_child is not None:
+                on_child(child)
+            self._start_process(child, start_extra)
             return {"pid": child.pid}
 
         out = Outcome.allow(cap, extra={"children": 1.0}, detail={"image": image, "caps": [p[2] for p in plan]})
@@ -1296,6 +1304,127 @@ class Kernel(pykka.ThreadingActor):
             proc.skills.append(args["name"])
         return Outcome.allow(None, value=skill, detail={"skill": args["name"], "tools": [t["name"] for t in skill["tools"]]})
 
+    # --- checkpoints ------------------------------------------------------------------------------
+    def _snapshot(self, proc: Proc, label: str | None, seq_hint: int) -> dict[str, Any]:
+        node = self.budgets.nodes[proc.pid]
+        return {
+            "pid": proc.pid, "image": proc.image, "model": proc.model, "label": label,
+            "conversation": proc.conversation, "jit_tools": proc.jit_tools, "skills": proc.skills,
+            "memory": dict(self.memory.get(f"self:{proc.pid}", {})),
+            "queues": {q: list(d) for q, d in self.queues.get(proc.pid, {}).items()},
+            "children": sorted(proc.children),
+            "budget": {"limits": dict(node.limits), "used": dict(node.used)},
+            # Handles name capability records; the records (and their revocation) stay in the kernel.
+            "handles": {h: cid for h, cid in self.caps.handles.get(proc.pid, {}).items()},
+            "log_seq": seq_hint,
+        }
+
+    def _find_checkpoint(self, ref: Any) -> dict[str, Any]:
+        if isinstance(ref, int) and ref in self.checkpoints:
+            return self.checkpoints[ref]
+        if isinstance(ref, str):
+            if ref.isdigit() and int(ref) in self.checkpoints:
+                return self.checkpoints[int(ref)]
+            for ck in reversed(list(self.checkpoints.values())):
+                if ck.get("label") == ref:
+                    return ck
+        raise KernelError("ENOENT", f"no checkpoint {ref!r}")
+
+    def _ckpt_covers(self, c: CapRecord, right: str, owner: int, caller: int) -> bool:
+        target = c.scope.get("target", "self")
+        return right in c.rights and ((target == "self" and owner == caller) or target == owner)
+
+    def _sys_ckpt(self, proc: Proc, spec: SyscallSpec, args: dict[str, Any], handle: str | None, now: float) -> Outcome:
+        if spec.name == "ckpt.list":
+            mine = [{"checkpoint": cid, "label": ck.get("label"), "pid": ck["pid"], "log_seq": ck["log_seq"]}
+                    for cid, ck in self.checkpoints.items() if ck["pid"] == proc.pid]
+            return Outcome.allow(None, value={"checkpoints": mine})
+        if spec.name == "ckpt.create":
+            cap = self._authorize(proc, "checkpoint", handle, now,
+                                  lambda c: self._ckpt_covers(c, "create", proc.pid, proc.pid), "ckpt.create")
+            label = args.get("label")
+
+            def create(seq: int) -> Any:
+                snap = self._snapshot(proc, label, seq)
+                self._next_ckpt += 1
+                cid = self._next_ckpt
+                snap["id"] = cid
+                self.checkpoints[cid] = snap
+                # The snapshot is one log entry: durable with the round's commit, never half-written.
+                self._stage("ckpt.create", {"checkpoint": cid, "pid": proc.pid, "label": label}, pid=proc.pid,
+                            cause=seq, payload=snap, has_payload=True)
+                return {"checkpoint": cid}
+
+            return Outcome.allow(cap, apply=create)
+        ck = self._find_checkpoint(args["checkpoint"])
+        right = spec.name.split(".")[1]
+        cap = self._authorize(proc, "checkpoint", handle, now,
+                              lambda c: self._ckpt_covers(c, right, ck["pid"], proc.pid),
+                              f"{spec.name} of checkpoint {ck['id']} of pid {ck['pid']}")
+        if spec.name == "ckpt.restore":
+            if ck["pid"] != proc.pid:
+                raise KernelError("EPERM", "a process restores only its own checkpoints; fork another's instead")
+
+            def restore(seq: int) -> Any:
+                # Handles come back as they were, pointing at the same records: a record revoked or
+                # expired since stays dead; a handle dropped since is not re-added.
+                table = self.caps.handles.setdefault(proc.pid, {})
+                for h, cid in list(table.items()):
+                    if h not in ck["handles"]:
+                        del table[h]
+                for h, cid in ck["handles"].items():
+                    rec = self.caps.records.get(cid)
+                    if rec is not None and not rec.dropped:
+                        table[h] = cid
+                proc.jit_tools = dict(ck["jit_tools"])
+                proc.skills = list(ck["skills"])
+                proc.conversation = ck["conversation"]
+                self.memory[f"self:{proc.pid}"] = dict(ck["memory"])
+                self.queues[proc.pid] = {q: collections.deque(v) for q, v in ck["queues"].items()}
+                return {"checkpoint": ck["id"], "restored": self._affordances(ck)}
+
+            return Outcome.allow(cap, apply=restore)
+        # ckpt.fork: a new child from the snapshot, with an explicit capability list
+        def from_snapshot(child: Proc) -> None:
+            child.origin = "fork"
+            child.jit_tools = dict(ck["jit_tools"])
+            child.skills = list(ck["skills"])
+            child.conversation = ck["conversation"]
+            self.memory[f"self:{child.pid}"] = dict(ck["memory"])
+
+        return self._child_outcome(proc, cap, ck["image"], args, now, "ckpt.fork", on_child=from_snapshot,
+                                   start_extra={"restored": self._affordances(ck), "origin": "fork",
+                                                "forked_by": proc.pid})
+
+    def _affordances(self, ck: dict[str, Any]) -> dict[str, Any]:
+        conv = ck.get("conversation") or {}
+        return {"messages": conv.get("messages", []), "jit_tools": ck["jit_tools"], "skills": ck["skills"]}
+
+    def _commit_image(self, proc: Proc, args: dict[str, Any], now: float, handle: str | None) -> Outcome:
+        name = args["name"]
+        ck = self._find_checkpoint(args["checkpoint"])
+        cap = self._authorize(proc, "image", handle, now, lambda c: "commit" in c.rights and any(
+            compile_glob(g).fullmatch(name) for g in c.scope.get("names", [])), f"image.commit as {name!r}")
+        if ck["pid"] != proc.pid and not any(self._ckpt_covers(c, "fork", ck["pid"], proc.pid)
+                                             for c in self.caps.held(proc.pid) if c.kind == "checkpoint"):
+            raise KernelError("EPERM", f"checkpoint {ck['id']} belongs to pid {ck['pid']}")
+        base = self.images.get(ck["image"], {})
+        image = {"name": name, "prompt": base.get("prompt", ""), "tools": list(base.get("tools", [])),
+                 "skills": list(ck["skills"]), "jit_tools": dict(ck["jit_tools"]), "model": base.get("model"),
+                 "budget": dict(base.get("budget") or {}), "meta": {"from_checkpoint": ck["id"]}}
+        image["digest"] = image_digest(image)
+        existing = self.images.get(name)
+        if existing is not None and existing.get("digest") != image["digest"]:
+            raise KernelError("ECONFLICT", f"image {name!r} exists with other content (digest {existing['digest'][:12]})")
+
+        def commit(seq: int) -> Any:
+            self.images[name] = image
+            self._stage("image.register", {"name": name, "from_checkpoint": ck["id"]}, pid=proc.pid, cause=seq,
+                        payload=image, has_payload=True)
+            return {"image": name, "digest": image["digest"]}
+
+        return Outcome.allow(cap, apply=commit)
+
     # --- providers: messages -------------------------------------------------------------------
     def _sys_msg(self, proc: Proc, spec: SyscallSpec, args: dict[str, Any], handle: str | None, now: float) -> Outcome:
         queue = args.get("queue") or "inbox"
@@ -1366,6 +1495,8 @@ class Kernel(pykka.ThreadingActor):
         def names_cover(c: CapRecord, name: str) -> bool:
             return any(compile_glob(g).fullmatch(name) for g in c.scope.get("names", []))
 
+        if spec.name == "image.commit":
+            return self._commit_image(proc, args, now, handle)
         if spec.name == "image.list":
             cap = self._authorize(proc, "image", handle, now, lambda c: "read" in c.rights, "listing images")
             visible = [
@@ -1382,7 +1513,8 @@ class Kernel(pykka.ThreadingActor):
             if name not in self.images:
                 raise KernelError("ENOENT", f"no image {name!r}")
             return Outcome.allow(cap, value=self._image_view(name))
-        return self._child_outcome(proc, cap, name, args, now, "image.boot")
+        return self._child_outcome(proc, cap, name, args, now, "image.boot",
+                                   on_child=lambda child: setattr(child, "origin", "boot"))
 
     def _image_view(self, name: str) -> dict[str, Any]:
         i = self.images[name]
@@ -1420,12 +1552,12 @@ class Kernel(pykka.ThreadingActor):
             self._log_cap(rec, None)
         return proc
 
-    def _start_process(self, proc: Proc) -> None:
+    def _start_process(self, proc: Proc, extra: dict[str, Any] | None = None) -> None:
         image = self.images.get(proc.image, {})
-        self._command(Command("start", proc.pid, {
+        self._command(Command("start", proc.pid, {**(extra or {}),
             "token": proc.token, "ppid": proc.ppid, "image": proc.image, "model": proc.model,
             "prompt": image.get("prompt", ""), "tools": image.get("tools", []), "input": proc.input,
-            "daemon": proc.daemon, "jit_tools": proc.jit_tools,
+            "daemon": proc.daemon, "jit_tools": proc.jit_tools, "origin": proc.origin,
         }))
 
     def _command(self, cmd: Command) -> None:

@@ -132,6 +132,15 @@ SYSCALLS: dict[str, SyscallSpec] = {
         _row("skill.load", "name:str", None, "", _S, "skill",
              "load an installed Skill: its instructions and tools join the caller's affordances (grants nothing)"),
         _row("skill.list", "", None, "", _S, "skill", "installed Skills and the ones the caller loaded"),
+        _row("ckpt.create", "label:str?", "checkpoint", "create", _S, "ckpt",
+             "snapshot the caller (conversation, tools, Skills, memory, queues, handles) -> {checkpoint}"),
+        _row("ckpt.list", "", None, "", _S, "ckpt", "checkpoints the caller took or may use"),
+        _row("ckpt.restore", "checkpoint:any", "checkpoint", "restore", _S, "ckpt",
+             "return the caller to a checkpoint; revoked or expired handles come back dead"),
+        _row("ckpt.fork", "checkpoint:any caps:list? budget:map? input:any?", "checkpoint", "fork",
+             f"{_S} children", "ckpt", "start a child from a checkpoint with an explicit, attenuated cap list -> {pid}"),
+        _row("image.commit", "checkpoint:any name:str", "image", "commit", _S, "image",
+             "make an AgentImage from a checkpoint (never its capabilities) -> {image, digest}"),
         _row("image.list", "", "image", "read", _S, "image", "images the caller's image caps may read"),
         _row("image.show", "name:str", "image", "read", _S, "image", "an image's content (never capabilities)"),
         _row("image.boot", "name:str input:any? caps:list? budget:map?", "image", "boot", f"{_S} children", "image",
@@ -172,7 +181,7 @@ SYSCALLS: dict[str, SyscallSpec] = {
 #: ABI syscalls that later work adds; a request for one gets ENOSYS naming it as not yet available.
 NOT_YET: frozenset[str] = frozenset(
     {
-        "ckpt.create", "ckpt.restore", "ckpt.fork", "ckpt.list", "image.commit", "rpc.call",
+        "rpc.call",
         "mcp.list_tools", "mcp.call", "pty.open", "pty.write", "pty.read", "pty.close", "cap.request",
     }
 )

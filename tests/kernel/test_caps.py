@@ -151,7 +151,9 @@ def scopes(draw: st.DrawFn, kind: str, partial: bool = False) -> dict[str, Any]:
         _opt(draw, "max_tokens", [None, *LLM_MAX_TOKENS], out)
     elif kind == "rpc":
         out["endpoint"] = draw(st.sampled_from(RPC_ENDPOINTS))
-        _opt(draw, "methods", [None, *RPC_METHODS], out)
+        # An rpc scope always names its methods: without an allow-list it would authorize nothing,
+        # and a narrow could add one.
+        out["methods"] = draw(st.sampled_from(RPC_METHODS))
     elif kind == "msg":
         out["to"] = draw(st.sampled_from(MSG_TO))
         _opt(draw, "queues", [None, *MSG_QUEUES], out)
