@@ -259,6 +259,12 @@ class Kernel(pykka.ThreadingActor):
         try:
             self._flush()
         finally:
+            for prov in {id(p): p for p in self._ext.values()}.values():
+                if prov.close is not None:
+                    try:
+                        prov.close()
+                    except Exception:
+                        log.exception("provider %s: close failed", prov.kind)
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._inbox.detach()
             self._routers.close()
@@ -1574,6 +1580,12 @@ class Kernel(pykka.ThreadingActor):
         self._set_state(proc, state, status=status)
         self.budgets.release(proc.pid)
         self.caps.release_process(proc.pid)
+        for prov in {id(p): p for p in self._ext.values()}.values():
+            if prov.on_exit is not None:
+                try:
+                    prov.on_exit(proc.pid)
+                except Exception:
+                    log.exception("provider %s: on_exit failed", prov.kind)
         self._tokens.pop(proc.token, None)
         if proc.conn is not None:
             self._conns.pop(proc.conn, None)

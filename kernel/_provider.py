@@ -41,3 +41,5 @@ class Provider:
     #: Narrowing check for derived capabilities; default: generic (lists subset, numbers <=, strings equal).
     within: Callable[[Mapping[str, Any], Mapping[str, Any]], bool] | None = None
     close: Callable[[], None] | None = None
+    #: Called (on the kernel thread) when a process ends, to release what it held (sessions...).
+    on_exit: Callable[[int], None] | None = None
