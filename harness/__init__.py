@@ -1,5 +1,6 @@
 """The scenario harness: loader, world builder and observer, runners per system, the safety benchmark."""
 
+from agentlibos.harness._baselines import run_confirm, run_direct, run_sandbox
 from agentlibos.harness._bench import SYSTEMS, run_bench, scenario_paths
 from agentlibos.harness._libos import Judge, judge_step, outcome_of, run_libos
 from agentlibos.harness._results import REPORT_FORMAT, RunResult, StepResult, SystemSummary, report, summarize
@@ -36,7 +37,10 @@ __all__ = [
     "parse_scenario",
     "report",
     "run_bench",
+    "run_confirm",
+    "run_direct",
     "run_libos",
+    "run_sandbox",
     "scenario_paths",
     "summarize",
 ]

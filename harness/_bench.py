@@ -6,11 +6,14 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from agentlibos.bus import ScenarioError
+from agentlibos.harness._baselines import run_confirm, run_direct, run_sandbox
 from agentlibos.harness._libos import run_libos
 from agentlibos.harness._results import RunResult
 from agentlibos.harness._scenario import Scenario, find_scenarios, load_scenario
 
-SYSTEMS: dict[str, Callable[[Scenario], RunResult]] = {"libos": run_libos}
+SYSTEMS: dict[str, Callable[[Scenario], RunResult]] = {
+    "libos": run_libos, "direct": run_direct, "confirm": run_confirm, "sandbox": run_sandbox,
+}
 
 
 def run_bench(

@@ -185,6 +185,9 @@ class Kernel(pykka.ThreadingActor):
     ) -> None:
         super().__init__()
         self.config = config
+        # Time comes from here only: read once per message, so every decision and entry of one
+        # message sees the same instant, and a replay can run the kernel on the recorded clock.
+        self._tick = time.time()
         # The one syscall table: the built-in rows plus those of providers registered at start.
         self.syscalls: dict[str, SyscallSpec] = dict(SYSCALLS)
         self._ext: dict[str, Provider] = {}
@@ -252,11 +255,27 @@ class Kernel(pykka.ThreadingActor):
         self._stage("kernel.start", {"pid": os.getpid(), "world_root": str(self.config.world_root)})
         self._flush()
 
+    def state_hash(self) -> str:
+        """A digest of the kernel's authority-relevant state; a faithful replay reproduces it."""
+        caps = [[r.id, r.holder, r.handle, r.kind, r.scope, sorted(r.rights), r.approval, r.expires, r.uses,
+                 r.parent, r.revoked, r.dropped] for r in sorted(self.caps.records.values(), key=lambda r: r.id)]
+        procs = [[p.pid, p.ppid, p.image, p.state, p.status] for p in sorted(self.procs.values(), key=lambda p: p.pid)]
+        budgets = {str(pid): {"limits": n.limits, "used": n.used} for pid, n in sorted(self.budgets.nodes.items())}
+        images = {n: i.get("digest") for n, i in sorted(self.images.items())}
+        return digest({"caps": caps, "procs": procs, "memory": {k: v for k, v in sorted(self.memory.items())},
+                       "budgets": budgets, "images": images, "checkpoints": sorted(self.checkpoints)})
+
     def on_stop(self) -> None:
         for p in list(self._parked.values()):
             if p.timer:
                 p.timer.cancel()
         try:
+            self._tick = time.time()
+            if not self.failed:
+                try:
+                    self._stage("kernel.stop", {"state_hash": self.state_hash()})
+                except Exception:
+                    log.exception("kernel: could not record the final state hash")
             self._flush()
         finally:
             for prov in {id(p): p for p in self._ext.values()}.values():
@@ -300,7 +319,11 @@ class Kernel(pykka.ThreadingActor):
         except Exception:  # a log without projections (fresh) has nothing to recover
             return []
 
+    def clock(self) -> float:
+        return self._tick
+
     def on_receive(self, message: Any) -> Any:
+        self._tick = time.time()
         try:
             if isinstance(message, Inbound):
                 for conn, msg in message.batch:
@@ -343,9 +366,9 @@ class Kernel(pykka.ThreadingActor):
         if self.failed:
             raise LogWriteError(self.failed)
         if has_payload:
-            entry = self.log.stage(kind, body, pid=pid, cause=cause, payload=payload)
+            entry = self.log.stage(kind, body, pid=pid, cause=cause, payload=payload, ts=self._tick)
         else:
-            entry = self.log.stage(kind, body, pid=pid, cause=cause)
+            entry = self.log.stage(kind, body, pid=pid, cause=cause, ts=self._tick)
         self._dirty = True
         return entry.seq
 
@@ -475,14 +498,14 @@ class Kernel(pykka.ThreadingActor):
             else:
                 msg = f"unknown syscall {req.sys!r}"
             seq = self._stage("sys", {"sys": req.sys[:128], "decision": "reject", "code": "ENOSYS"}, pid=caller.pid or None,
-                              cause=req.cause)
+                              cause=req.cause, payload=req.args, has_payload=True)
             self._reply(conn, Reply.failure(req.id, "ENOSYS", msg, seq))
             return
         try:
             args = spec.validate(req.args)
         except KernelError as exc:
             seq = self._stage("sys", {"sys": spec.name, "decision": "reject", "code": exc.code, "message": exc.message},
-                              pid=caller.pid or None, cause=req.cause)
+                              pid=caller.pid or None, cause=req.cause, payload=req.args, has_payload=True)
             self._reply(conn, Reply(req.id, False, error=exc, seq=seq))
             return
         if caller.role == "operator":
@@ -496,7 +519,7 @@ class Kernel(pykka.ThreadingActor):
 
     # --- the mediated path ---------------------------------------------------------------------
     def _syscall(self, conn: bytes, proc: Proc, req: Request, spec: SyscallSpec, args: dict[str, Any]) -> None:
-        now = _now()
+        now = self.clock()
         node = self.budgets.nodes[proc.pid]
         charges = {d: (1.0 if d in ("syscalls", "llm_calls") else 0.0) for d in spec.budget}
         handler = getattr(self, "_sys_" + spec.provider)
@@ -521,6 +544,8 @@ class Kernel(pykka.ThreadingActor):
         cap = outcome.cap
         decision = "allow" if allowed else ("deny" if outcome.code in DENIAL_CODES else "fail")
         body: dict[str, Any] = {"sys": spec.name, "decision": decision}
+        if req.cap is not None:
+            body["asked_cap"] = req.cap
         if cap is not None:
             body["cap"] = cap.id
             body["handle"] = cap.handle
@@ -586,7 +611,7 @@ class Kernel(pykka.ThreadingActor):
     def _ask_approval(self, conn: bytes, rid: int, proc: Proc, spec: SyscallSpec, args: dict[str, Any],
                       cap: CapRecord | None, outcome: Outcome | None, seq: int, *, question: dict[str, Any] | None = None) -> None:
         """Park a request for a human. The approver sees the kernel's rendering of the effect."""
-        now = _now()
+        now = self.clock()
         recent = [t for t in self._approval_times.get(proc.pid, []) if t > now - 60]
         if len(recent) >= self.config.approvals_per_minute:
             self._finish(conn, rid, proc.pid, spec.name, seq, None, KernelError(
@@ -647,9 +672,9 @@ class Kernel(pykka.ThreadingActor):
         if remember and ap.cap is not None:
             out["remembered"] = self._remember(proc, ap, seq)
         assert ap.outcome is not None
-        if ap.cap is not None and ap.cap.status(_now()) is not None:
+        if ap.cap is not None and ap.cap.status(self.clock()) is not None:
             # Revoked or expired while it waited: the approval cannot resurrect it.
-            code = ap.cap.status(_now()) or "EREVOKED"
+            code = ap.cap.status(self.clock()) or "EREVOKED"
             self._finish(ap.conn, ap.rid, ap.pid, ap.sys, ap.decision_seq, None,
                          KernelError(code, f"{ap.cap.handle} was revoked or expired while awaiting approval"))
             return out
@@ -871,7 +896,7 @@ class Kernel(pykka.ThreadingActor):
 
     def _lexically_covered(self, proc: Proc, comps: list[str], handle: str | None, spec: SyscallSpec) -> bool:
         for cap in self.caps.held(proc.pid):
-            if cap.kind != "fs" or (handle is not None and cap.handle != handle) or cap.status(_now()):
+            if cap.kind != "fs" or (handle is not None and cap.handle != handle) or cap.status(self.clock()):
                 continue
             rest = strip_root(tuple(cap.scope["root"].split("/")) if cap.scope["root"] else (), comps)
             if rest is None or ".." in rest:
@@ -1185,9 +1210,9 @@ class Kernel(pykka.ThreadingActor):
         child_input = args.get("input") if args.get("input") is not None else ""
 
         def apply(seq: int) -> Any:
-            child = self._create_process(image, proc.pid, model, budget, daemon, child_input, _now(), cause=seq)
+            child = self._create_process(image, proc.pid, model, budget, daemon, child_input, self.clock(), cause=seq)
             for src, narrow, as_name in plan:
-                new = self.caps.derive(src, narrow, holder=child.pid, now=_now(), handle=as_name, via=via)
+                new = self.caps.derive(src, narrow, holder=child.pid, now=self.clock(), handle=as_name, via=via)
                 assert new is not None
                 self._log_cap(new, proc.pid, seq)
             if on_child is not None:
@@ -1660,7 +1685,7 @@ class Kernel(pykka.ThreadingActor):
         return rec
 
     def _op_spawn(self, conn: bytes, req: Request, args: dict[str, Any], seq: int) -> Any:
-        now = _now()
+        now = self.clock()
         image = args["image"]
         if image not in self.images:
             raise KernelError("ENOENT", f"no image {image!r} is registered")
@@ -1692,7 +1717,7 @@ class Kernel(pykka.ThreadingActor):
                              if k in args}
         if "name" in args:
             g["name"] = args["name"]
-        rec = self._grant(proc.pid, g, _now(), seq)
+        rec = self._grant(proc.pid, g, self.clock(), seq)
         return {"cap": rec.id, "handle": rec.handle, "pid": proc.pid}
 
     def _op_revoke(self, conn: bytes, req: Request, args: dict[str, Any], seq: int) -> Any:
@@ -1803,7 +1828,7 @@ class Kernel(pykka.ThreadingActor):
         node = self.budgets.nodes.get(args["pid"])
         if node is None:
             raise KernelError("ENOENT", f"no process {args['pid']}")
-        return node.view(_now())
+        return node.view(self.clock())
 
 
 _PARKED = object()
