@@ -102,8 +102,7 @@ class ScriptedHuman:
         if ap["kind"] == "question":
             text = entry.get("answer") if isinstance(entry, dict) else entry
             verdict = "deny" if entry == "deny" else "approve"
-            with self._lock:
-                self.questions += 1
+            self._record(ap, verdict, question=True)
             if verdict == "deny":
                 op.call("op.deny", {"id": ap["id"], "reason": "scripted human", "author": "scripted-human"})
             else:
@@ -112,11 +111,17 @@ class ScriptedHuman:
             remember = isinstance(entry, dict) and bool(entry.get("remember")) or entry == "approve_and_remember"
             verdict = "deny" if (entry == "deny" or (isinstance(entry, dict) and entry.get("approve") is False)) \
                 else "approve"
+            self._record(ap, verdict)
             if verdict == "deny":
                 op.call("op.deny", {"id": ap["id"], "reason": "scripted human", "author": "scripted-human"})
             else:
                 op.call("op.approve", {"id": ap["id"], "remember": remember, "author": "scripted-human"})
+
+    def _record(self, ap: dict[str, Any], verdict: str, question: bool = False) -> None:
+        # Recorded before the answer is sent: the process may see the answer's effect at once.
         with self._lock:
+            if question:
+                self.questions += 1
             self.asked[ap["pid"]] = self.asked.get(ap["pid"], 0) + 1
             self.last_answer[ap["pid"]] = verdict
             self.transcript.append({"id": ap["id"], "pid": ap["pid"], "kind": ap["kind"], "answer": verdict,
