@@ -455,6 +455,39 @@ def explain(seq: int, state: str) -> None:
             depth += 1
 
 
+# --- replay ------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("run", type=click.Path(exists=True))
+def replay(run: str) -> None:
+    """Replay a recorded RUN (a log.db, a run directory, or a state directory: its newest run).
+
+    A fresh kernel is fed the run's stimuli (operator and process requests, effect results,
+    model answers, timeouts) without running any effect, and must make the same decisions, entry
+    by entry, and reach the same final state hash. Exit 0 identical; 1 with the first differing
+    entry (NondeterminismError); 2 if the run cannot be replayed.
+    """
+    from agentlibos.bus import NondeterminismError, ReplayError
+    from agentlibos.kernel import replay_log
+
+    p = Path(run)
+    path = p if p.is_file() else (p / "log.db" if (p / "log.db").exists() else _latest_log(str(p)))
+    try:
+        rep = replay_log(path)
+    except NondeterminismError as exc:
+        console.print(f"[red]non-deterministic[/red]: {escape(str(exc))}")
+        sys.exit(1)
+    except (ReplayError, StorageError) as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}")
+        sys.exit(2)
+    console.print(f"[green]identical[/green]: {rep.entries} entries, {rep.stimuli} stimuli replayed in "
+                  f"{rep.seconds:.2f} s ({rep.entries / max(rep.seconds, 1e-9):,.0f} entries/s); final state "
+                  f"{rep.state_hash}")
+    for note in rep.notes:
+        console.print(f"  note: {escape(note)}")
+
+
 # --- bench -------------------------------------------------------------------------------------
 
 

@@ -42,7 +42,6 @@ from agentlibos.actors import ScriptedModel
 from agentlibos.bus import KernelError, Reply
 from agentlibos.harness._libos import (
     RUN_TIMEOUT_S,
-    UNSUPPORTED_WORLD,
     Judge,
     _leaked_files,
     _not_reached,
@@ -51,6 +50,9 @@ from agentlibos.harness._libos import (
 from agentlibos.harness._results import RunResult, StepResult
 from agentlibos.harness._scenario import BUILTIN_TOOLS, ROOT_IMAGE, Scenario
 from agentlibos.harness._world import World
+
+#: World kinds the baselines have no client for (the runtime itself supports them).
+UNSUPPORTED_WORLD = ("mcp",)
 
 #: Where a naive wrapper's agent works: the default shell cwd, and the sandbox's confinement.
 WORKSPACE = "workspace"

@@ -19,7 +19,7 @@ from agentlibos.bus import DENIAL_CODES, KernelError, Reply, ScenarioError
 from agentlibos.harness._results import RunResult, StepResult
 from agentlibos.harness._scenario import ROOT_IMAGE, Scenario
 from agentlibos.harness._world import Snapshot, World
-from agentlibos.kernel import make_rpc_provider
+from agentlibos.kernel import make_mcp_provider, make_rpc_provider
 from agentlibos.runtime import Runtime
 from agentlibos.storage import SQLiteLog
 
@@ -30,7 +30,7 @@ _CALL_ID = re.compile(r"^toolu_(\d+)_(\d+)$")
 _VAR = re.compile(r"^\$([A-Za-z_][A-Za-z0-9_]*)((?:\.[A-Za-z0-9_]+)*)$")
 _TEMPLATE = re.compile(r"\$\{([^}]+)\}")
 
-UNSUPPORTED_WORLD = ("mcp",)
+UNSUPPORTED_WORLD: tuple[str, ...] = ()
 
 
 def outcome_of(reply: Reply) -> tuple[str, str | None]:
@@ -312,8 +312,10 @@ def run_libos(scenario: Scenario, *, keep_state: str | None = None,
                           substitute=judge.substitute, choose=judge.choose_script)
     rt = Runtime(keep_state or world.state, world_root=world.root, models={"scripted": model, "*": model},
                  observer=judge, ipc=False, path=(str(world.bin), "/usr/local/bin", "/usr/bin", "/bin"),
-                 shell_env={"WORLD_ROOT": str(world.root), "HOME": str(world.root), **world.servers.env()},
-                 skills_dir=str(world.skills_dir), providers=[make_rpc_provider(world.servers.urls())])
+                 shell_env={"WORLD_ROOT": str(world.root), "HOME": str(world.root), **world.servers.env(),
+                            **world.mcp_servers.env()},
+                 skills_dir=str(world.skills_dir),
+                 providers=[make_rpc_provider(world.servers.urls()), make_mcp_provider(world.mcp_servers.configs())])
     judge.rt = rt
     try:
         with rt:
@@ -438,6 +440,9 @@ def _run_checks(scenario: Scenario, world: World, rt: Runtime, root: int,
             ok, why = value == arg["value"], f"is {value!r}"
         elif kind == "rpc_calls":
             n = world.servers.calls(arg["endpoint"], arg.get("method"))
+            ok, why = n == arg["count"], f"{n} calls"
+        elif kind == "mcp_calls":
+            n = world.mcp_servers.calls(arg["server"], arg.get("tool"))
             ok, why = n == arg["count"], f"{n} calls"
         elif kind == "processes":
             ok, why = len(procs) == arg["count"], f"{len(procs)} started"

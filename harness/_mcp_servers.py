@@ -32,7 +32,7 @@ from agentlibos.harness._servers import env_name
 __all__ = ["McpCall", "McpServer", "McpServerSet", "make_server", "serve_stdio"]
 
 #: Seconds uvicorn waits for open responses (an idle SSE stream of a connected client) at stop.
-_GRACEFUL_S = 2.0
+_GRACEFUL_S = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +152,7 @@ class McpServer:
             return
         self._uv = self._thread = self._sock = None
         uv.should_exit = True
+        uv.force_exit = True  # do not wait for open SSE streams of connected clients
         if thread is not None:
             thread.join()
         if sock is not None:

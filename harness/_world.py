@@ -19,6 +19,7 @@ import yaml
 
 from agentlibos.bus import ScenarioError
 from agentlibos.harness._scenario import Scenario
+from agentlibos.harness._mcp_servers import McpServerSet
 from agentlibos.harness._servers import ServerSet
 
 _WRAPPER = """#!/bin/sh
@@ -32,6 +33,7 @@ class Snapshot:
     files: tuple[tuple[str, str], ...]  # (relative path, type:digest), sorted
     runs: tuple[tuple[str, int], ...]
     rpc: tuple[tuple[str, str, str], ...] = ()  # every request the local servers received
+    mcp: tuple[tuple[str, str, str], ...] = ()  # every MCP tool call (listings are reads, not effects)
 
     def changed_since(self, other: Snapshot) -> bool:
         return self != other
@@ -43,6 +45,7 @@ class Snapshot:
         ra, rb = dict(other.runs), dict(self.runs)
         out += [f"ran {n}" for n in rb if rb[n] != ra.get(n, 0)]
         out += [f"rpc {n} {m}" for n, m, _ in self.rpc[len(other.rpc):]]
+        out += [f"mcp {n} {t}" for n, t, _ in self.mcp[len(other.mcp):]]
         return sorted(out)
 
 
@@ -65,12 +68,15 @@ class World:
         self._runs = self.base / "runs"
         self.initial: Snapshot | None = None
         self.servers = ServerSet(scenario.world)
+        self.mcp_servers = McpServerSet(scenario.world)
 
     def build(self) -> World:
         self.servers.start()
         try:
+            self.mcp_servers.start()
             return self._build()
         except BaseException:
+            self.mcp_servers.stop()
             self.servers.stop()
             raise
 
@@ -142,7 +148,8 @@ class World:
                     files.append((rel, "dir"))
                 else:
                     files.append((rel, "other"))
-        return Snapshot(tuple(sorted(files)), tuple(sorted(self.program_runs().items())), self.servers.request_log())
+        return Snapshot(tuple(sorted(files)), tuple(sorted(self.program_runs().items())), self.servers.request_log(),
+                        self.mcp_servers.request_log())
 
     def program_runs(self) -> dict[str, int]:
         out = {}
@@ -177,8 +184,9 @@ class World:
 
     def cleanup(self) -> None:
         self.servers.stop()
+        self.mcp_servers.stop()
         if self._own:
             shutil.rmtree(self.base, ignore_errors=True)
 
     def substitutions(self) -> dict[str, Any]:
-        return {"world.root": str(self.root), **self.servers.substitutions()}
+        return {"world.root": str(self.root), **self.servers.substitutions(), **self.mcp_servers.substitutions()}

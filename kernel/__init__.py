@@ -5,8 +5,10 @@ from agentlibos.kernel._caps import KIND_RIGHTS, KINDS, CapRecord, CapTable, Nar
 from agentlibos.kernel._config import KernelConfig
 from agentlibos.kernel._inbox import Inbound
 from agentlibos.kernel._kernel import EffectDone, Inspect, Kernel
+from agentlibos.kernel._mcp import McpToolChange, make_mcp_provider, mcp_within, tool_hash
 from agentlibos.kernel._models import Completion, CompletionRequest, ModelBackend
 from agentlibos.kernel._provider import CallInfo, Provider
+from agentlibos.kernel._replay import ReplayReport, replay, replay_log
 from agentlibos.kernel._rpc import make_rpc_provider, normalize_url, rpc_within
 from agentlibos.kernel._table import ADDITIONS, NOT_YET, SYSCALLS, ArgSpec, SyscallSpec, tool_name
 
@@ -28,17 +30,24 @@ __all__ = [
     "KIND_RIGHTS",
     "Kernel",
     "KernelConfig",
+    "McpToolChange",
     "ModelBackend",
     "NOT_YET",
     "Narrow",
     "Provider",
+    "ReplayReport",
     "SYSCALLS",
     "SyscallSpec",
+    "make_mcp_provider",
     "make_rpc_provider",
+    "mcp_within",
     "normalize_url",
     "parse_budget",
+    "replay",
+    "replay_log",
     "rpc_within",
     "scope_within",
+    "tool_hash",
     "tool_name",
     "validate_scope",
 ]

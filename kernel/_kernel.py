@@ -83,6 +83,14 @@ class ApprovalTimeout:
 
 
 @dataclass(frozen=True, slots=True)
+class ProviderNotice:
+    """A provider's notice (e.g. an MCP tool description changed): logged and published."""
+
+    kind: str
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
 class Inspect:
     """Run a read-only function on the kernel thread (tests and the runtime use it)."""
 
@@ -250,6 +258,9 @@ class Kernel(pykka.ThreadingActor):
         self._routers = RouterSet(self._ctx, self._endpoints)
         self._pub = Publisher(self._ctx, self._event_endpoints)
         self._inbox.attach(self._routers)
+        for prov in {id(p): p for p in self._ext.values()}.values():
+            if prov.attach is not None:
+                prov.attach(lambda body, kind=prov.kind: self._notice(kind, body))
         self.bound = True
         self._recover()
         self._stage("kernel.start", {"pid": os.getpid(), "world_root": str(self.config.world_root)})
@@ -319,6 +330,12 @@ class Kernel(pykka.ThreadingActor):
         except Exception:  # a log without projections (fresh) has nothing to recover
             return []
 
+    def _notice(self, kind: str, body: dict[str, Any]) -> None:  # any thread
+        try:
+            self.actor_ref.tell(ProviderNotice(kind, dict(body)))
+        except pykka.ActorDeadError:
+            pass
+
     def clock(self) -> float:
         return self._tick
 
@@ -335,6 +352,10 @@ class Kernel(pykka.ThreadingActor):
             elif isinstance(message, ApprovalTimeout):
                 if message.id in self.approvals:
                     self._decide_approval(message.id, False, author="timeout", reason="no human answered in time")
+            elif isinstance(message, ProviderNotice):
+                pid = message.body.get("pid")
+                seq = self._stage(f"{message.kind}.notice", message.body, pid=pid if isinstance(pid, int) else None)
+                self._event(Topic(f"{message.kind}/"), {**message.body, "seq": seq})
             elif isinstance(message, Inspect):
                 return message.fn(self)
         except Exception:  # the kernel keeps serving whatever one message did

@@ -41,5 +41,8 @@ class Provider:
     #: Narrowing check for derived capabilities; default: generic (lists subset, numbers <=, strings equal).
     within: Callable[[Mapping[str, Any], Mapping[str, Any]], bool] | None = None
     close: Callable[[], None] | None = None
+    #: Called once at kernel start with sink(body); the provider may call it from any thread for
+    #: notices the kernel logs (kind "<kind>.notice") and publishes on "<kind>/".
+    attach: Callable[[Callable[[dict[str, Any]], None]], None] | None = None
     #: Called (on the kernel thread) when a process ends, to release what it held (sessions...).
     on_exit: Callable[[int], None] | None = None

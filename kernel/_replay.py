@@ -1,0 +1,287 @@
+"""Deterministic replay: run a fresh kernel through a recorded log's stimuli (operator requests,
+process requests, effect results, model answers, timeouts), never running an effect, and check
+that it makes the same decisions, entry by entry, and reaches the same final state hash.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agentlibos.bus import Hello, KernelError, NondeterminismError, ReplayError, Request
+from agentlibos.kernel._commit import Outputs
+from agentlibos.kernel._config import KernelConfig
+from agentlibos.kernel._kernel import Caller, EffectDone, Kernel
+from agentlibos.storage import NO_PAYLOAD, LogEntry, SQLiteLog, digest
+
+OPERATOR_CONN = b"\x00operator"
+#: Body fields that record where and when a run happened, not what it decided.
+VOLATILE = {"kernel.start": {"pid", "world_root"}}
+
+
+@dataclass(slots=True)
+class _Staged:
+    seq: int
+    ts: float
+    pid: int | None
+    kind: str
+    cause: int | None
+    body: dict[str, Any]
+
+
+class _MemoryLog:
+    """Just enough of a log for a replaying kernel: it keeps what it stages, in memory."""
+
+    def __init__(self) -> None:
+        self.entries: list[_Staged] = []
+
+    def stage(self, kind: str, body: dict[str, Any], *, pid: int | None = None, cause: int | None = None,
+              payload: Any = NO_PAYLOAD, ts: float | None = None) -> _Staged:
+        e = _Staged(len(self.entries) + 1, ts or 0.0, pid, kind, cause, body)
+        self.entries.append(e)
+        return e
+
+    def flush(self) -> int:
+        return 0
+
+    def head(self) -> tuple[int, bytes]:
+        return len(self.entries), b""
+
+
+class _Nowhere:
+    """Sockets of a replaying kernel: replies and events go nowhere (the log is what is compared)."""
+
+    def reply(self, conn: bytes, frame: bytes) -> None:
+        pass
+
+    def refresh(self) -> None:
+        pass
+
+    def publish(self, topic: Any, body: Any) -> None:
+        pass
+
+
+class _NoModel:
+    def complete(self, request: Any) -> Any:  # never called: effects are not run in a replay
+        raise ReplayError("a replay never calls a model")
+
+
+#: Decisions that depend on the world outside the kernel (the filesystem, installed Skills): a
+#: replay takes the recorded facts for these and re-checks the capability and budget side only.
+WORLD_DEPENDENT = ("fs.", "shell.exec", "skill.", "rpc.", "mcp.")
+
+
+class _ReplayKernel(Kernel):
+    def __init__(self, config: KernelConfig) -> None:
+        # Providers with an empty configuration: their syscall rows and coverage rules, no peers.
+        from agentlibos.kernel._rpc import make_rpc_provider
+
+        super().__init__(config, _MemoryLog(), None, [], [], {"*": _NoModel()},  # type: ignore[arg-type]
+                         [make_rpc_provider({})])
+        self._routers = _Nowhere()  # type: ignore[assignment]
+        self._pub = _Nowhere()  # type: ignore[assignment]
+        self.effects_by_decision: dict[int, int] = {}
+        self.oracle: tuple[dict[str, Any], Any] | None = None
+
+    def _from_record(self, proc: Any, spec: Any) -> Any:
+        from agentlibos.kernel._kernel import Outcome
+
+        assert self.oracle is not None
+        body, payload = self.oracle
+        if body.get("decision") != "allow":
+            raise KernelError(body.get("code", "EPERM"), body.get("message", ""))
+        cap = self.caps.records.get(body["cap"]) if body.get("cap") is not None else None
+        if cap is not None and (cap.holder != proc.pid or cap.status(self.clock()) is not None
+                                or self.caps.by_handle(proc.pid, cap.handle) is not cap):
+            raise KernelError("EPERM", f"replay: cap {body['cap']} is not live in the replayed process")
+        detail = body.get("detail")
+        extra = {"fs_bytes_written": float(detail["bytes"])} if detail and "bytes" in detail else None
+        if body.get("ok") is True:  # an inline result, recorded with its value
+            value = payload.get("value") if isinstance(payload, dict) else None
+            if spec.name == "skill.load" and isinstance(value, dict):
+                for t in value.get("tools", []):
+                    proc.jit_tools[t["name"]] = {k: t[k] for k in ("description", "input_schema", "source")}
+                if value.get("name") and value["name"] not in proc.skills:
+                    proc.skills.append(body.get("detail", {}).get("skill", value["name"]))
+            return Outcome.allow(cap, value=value, extra=extra, detail=detail)
+        return Outcome.allow(cap, effect=lambda: None, extra=extra, detail=detail)
+
+    def _sys_fs(self, proc: Any, spec: Any, args: Any, handle: Any, now: float) -> Any:
+        return self._from_record(proc, spec)
+
+    def _sys_shell(self, proc: Any, spec: Any, args: Any, handle: Any, now: float) -> Any:
+        return self._from_record(proc, spec)
+
+    def _sys_skill(self, proc: Any, spec: Any, args: Any, handle: Any, now: float) -> Any:
+        return self._from_record(proc, spec)
+
+    def _sys_ext(self, proc: Any, spec: Any, args: Any, handle: Any, now: float) -> Any:
+        return self._from_record(proc, spec)
+
+    def _release(self, out: Outputs) -> None:
+        # Effects are never run again: their recorded results are fed back as stimuli.
+        for ticket, _fn, _conn, _rid in out.effects:
+            pending = self._pending.get(ticket)
+            if pending is not None:
+                self.effects_by_decision[pending.decision_seq] = ticket
+
+
+@dataclass(slots=True)
+class ReplayReport:
+    entries: int = 0
+    stimuli: int = 0
+    state_hash: str | None = None
+    recorded_hash: str | None = None
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+def _comparable(kind: str, body: dict[str, Any]) -> dict[str, Any]:
+    drop = VOLATILE.get(kind, set())
+    return {k: v for k, v in body.items() if k not in drop}
+
+
+def replay(entries: Iterable[LogEntry], payload_of: Any, config: KernelConfig) -> ReplayReport:
+    """Replay recorded entries; raise NondeterminismError at the first entry that differs."""
+    started = time.monotonic()
+    k = _ReplayKernel(config)
+    staged: list[_Staged] = k.log.entries  # type: ignore[attr-defined]
+    report = ReplayReport()
+    conns: dict[int, bytes] = {}
+    rid = 0
+
+    def conn_of(pid: int) -> bytes:
+        if pid not in conns:
+            conns[pid] = b"\x01pid-%d" % pid
+        return conns[pid]
+
+    def payload(e: LogEntry) -> Any:
+        present, value = payload_of(e.seq)
+        if not present:
+            raise ReplayError(f"entry {e.seq} ({e.kind}) has no stored payload (purged by retention?): cannot replay")
+        return value
+
+    def stimulate(e: LogEntry) -> bool:
+        """Feed the kernel what caused entry `e`, if `e` records an outside stimulus."""
+        nonlocal rid
+        k._tick = e.ts
+        body = e.body
+        if e.kind == "op":
+            rid += 1
+            k._handle(OPERATOR_CONN, Request(rid, body["sys"], payload(e), None, e.cause))
+            return True
+        if e.kind == "sys" and e.pid is not None:
+            args = payload(e)
+            if body.get("decision") == "allow" and body.get("ok") is True and isinstance(args, dict) and "args" in args:
+                args = args["args"]
+            rid += 1
+            k.oracle = (body, payload(e)) if str(body["sys"]).startswith(WORLD_DEPENDENT) else None
+            try:
+                k._handle(conn_of(e.pid), Request(rid, body["sys"], args if isinstance(args, dict) else {},
+                                                  body.get("asked_cap"), e.cause))
+            finally:
+                k.oracle = None
+            return True
+        if e.kind == "proc.state" and body.get("state") == "ready" and e.pid in k.procs:
+            k._handle(conn_of(e.pid), Hello(0, k.procs[e.pid].token, "process"))
+            return True
+        if e.kind == "result" and e.cause is not None:
+            error = None if body.get("ok") else KernelError(body.get("code", "EIO"), body.get("message", ""))
+            value = payload(e) if body.get("ok") else None
+            ticket = k.effects_by_decision.pop(e.cause, None)
+            if ticket is not None:
+                k._effect_done(EffectDone(ticket, value=value, error=error))
+                return True
+            parked = next((key for key, p in k._parked.items() if p.decision_seq == e.cause), None)
+            if parked is not None and error is not None and error.code == "ETIMEDOUT":
+                k._timer_fired(parked)
+                return True
+            return False
+        if e.kind == "approval.decide" and body.get("author") == "timeout" and body.get("id") in k.approvals:
+            k._decide_approval(body["id"], False, author="timeout", reason=body.get("reason", ""))
+            return True
+        return False
+
+    def flush() -> None:
+        out, k._out = k._out, Outputs()
+        k._release(out)
+
+    k._flush = flush  # type: ignore[method-assign]
+    k._conns[OPERATOR_CONN] = Caller("operator", 0)
+    recorded_hash = None
+    recorded = list(entries)
+    done: set[int] = set()
+
+    def stimulate_from(i: int) -> bool:
+        # A handler may log consequences before its own decision (a derive logs the new cap, then
+        # the decision): the stimulus is the next entry that is one.
+        for j in range(i, min(len(recorded), i + 64)):
+            e2 = recorded[j]
+            if e2.seq in done:
+                continue
+            if stimulate(e2):
+                done.add(e2.seq)
+                return True
+            if e2.kind in ("kernel.start", "kernel.stop"):
+                return False
+        return False
+
+    for i, e in enumerate(recorded):
+        report.entries += 1
+        if e.kind == "kernel.start" and e.seq > 1:
+            report.notes.append(f"a second kernel session starts at seq {e.seq}; replay stops there")
+            break
+        if e.kind == "kernel.start":
+            k._tick = e.ts
+            k._stage("kernel.start", dict(e.body))
+            recorded_hash = None
+        elif e.kind == "kernel.stop":
+            recorded_hash = e.body.get("state_hash")
+            report.recorded_hash = recorded_hash
+            report.state_hash = k.state_hash()
+            if recorded_hash != report.state_hash:
+                raise NondeterminismError(
+                    f"final state differs at seq {e.seq}: recorded {recorded_hash}, replayed {report.state_hash}")
+            k._stage("kernel.stop", dict(e.body))
+        elif len(staged) < e.seq and e.seq not in done:
+            if stimulate_from(i):
+                report.stimuli += 1
+            flush()
+        if len(staged) < e.seq:
+            raise NondeterminismError(f"seq {e.seq}: the recorded run has {e.kind} {_short(e.body)}, "
+                                      "the replay produced nothing here")
+        got = staged[e.seq - 1]
+        if (got.kind, got.pid, got.cause, _comparable(got.kind, got.body)) != (
+                e.kind, e.pid, e.cause, _comparable(e.kind, e.body)):
+            raise NondeterminismError(
+                f"seq {e.seq}: recorded {e.kind} pid={e.pid} cause={e.cause} {_short(e.body)}; "
+                f"replayed {got.kind} pid={got.pid} cause={got.cause} {_short(got.body)}")
+    report.seconds = time.monotonic() - started
+    if report.state_hash is None:
+        report.state_hash = k.state_hash()
+        report.notes.append("the recorded run has no kernel.stop entry (it did not stop cleanly): "
+                            "decisions compared, final state not")
+    return report
+
+
+def _short(body: dict[str, Any]) -> str:
+    text = repr(body)
+    return text if len(text) < 240 else text[:239] + "…"
+
+
+def replay_log(path: str | Path, *, state_dir: str | Path | None = None) -> ReplayReport:
+    """Replay the log file at `path` (a run's log.db)."""
+    p = Path(path)
+    with SQLiteLog.open_readonly(p) as log:
+        cfg = KernelConfig.load(state_dir or p.parent)
+        return replay(_iter(log), log.payload, cfg)
+
+
+def _iter(log: SQLiteLog) -> Iterator[LogEntry]:
+    yield from log.entries()
+
+
+__all__ = ["ReplayReport", "replay", "replay_log", "digest"]
