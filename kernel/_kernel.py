@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import functools
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ from typing import Any, cast
 
 import msgpack
 import pykka
-import yaml
+import yaml  # type: ignore[import-untyped]
 import zmq
 
 from agentlibos.bus import (
@@ -260,7 +261,7 @@ class Kernel(pykka.ThreadingActor):
         self._inbox.attach(self._routers)
         for prov in {id(p): p for p in self._ext.values()}.values():
             if prov.attach is not None:
-                prov.attach(lambda body, kind=prov.kind: self._notice(kind, body))
+                prov.attach(functools.partial(self._notice, prov.kind))
         self.bound = True
         self._recover()
         self._stage("kernel.start", {"pid": os.getpid(), "world_root": str(self.config.world_root)})
@@ -741,8 +742,11 @@ class Kernel(pykka.ThreadingActor):
             channel is None or c.scope.get("channel") == channel), f"{spec.name}")
         if spec.name == "human.notify":
             text = _sanitize(args["text"])
-            return Outcome.allow(cap, apply=lambda seq: (self._event(Topic.approval(), {
-                "event": "notify", "pid": proc.pid, "text": text, "seq": seq}), {})[1], detail={"text": text})
+            def notify(seq: int) -> Any:
+                self._event(Topic.approval(), {"event": "notify", "pid": proc.pid, "text": text, "seq": seq})
+                return {}
+
+            return Outcome.allow(cap, apply=notify, detail={"text": text})
         question = {"question": _sanitize(args["question"]), "choices": _sanitize(args.get("choices") or [])}
         out = Outcome.allow(cap, detail=question)
         out.human_question = question
@@ -1421,7 +1425,7 @@ class Kernel(pykka.ThreadingActor):
                 # Handles come back as they were, pointing at the same records: a record revoked or
                 # expired since stays dead; a handle dropped since is not re-added.
                 table = self.caps.handles.setdefault(proc.pid, {})
-                for h, cid in list(table.items()):
+                for h in list(table):
                     if h not in ck["handles"]:
                         del table[h]
                 for h, cid in ck["handles"].items():

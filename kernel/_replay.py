@@ -148,7 +148,9 @@ def replay(entries: Iterable[LogEntry], payload_of: Any, config: KernelConfig) -
     """Replay recorded entries; raise NondeterminismError at the first entry that differs."""
     started = time.monotonic()
     k = _ReplayKernel(config)
-    staged: list[_Staged] = k.log.entries  # type: ignore[attr-defined]
+    memory_log = k.log
+    assert isinstance(memory_log, _MemoryLog)
+    staged: list[_Staged] = memory_log.entries
     report = ReplayReport()
     conns: dict[int, bytes] = {}
     rid = 0
@@ -209,7 +211,7 @@ def replay(entries: Iterable[LogEntry], payload_of: Any, config: KernelConfig) -
         out, k._out = k._out, Outputs()
         k._release(out)
 
-    k._flush = flush  # type: ignore[method-assign]
+    k._flush = flush
     k._conns[OPERATOR_CONN] = Caller("operator", 0)
     recorded_hash = None
     recorded = list(entries)
