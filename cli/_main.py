@@ -60,7 +60,11 @@ def _fmt_args(args: Any, limit: int = 48) -> str:
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @state_option
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the run as JSON to this file.")
-def run(file: str, state: str, json_out: str | None) -> None:
+@click.option("--model", default=None, metavar="PROVIDER:MODEL",
+              help="Drive the root process with a real model (anthropic:MODEL needs ANTHROPIC_API_KEY; "
+                   "openai:MODEL uses OPENAI_BASE_URL and OPENAI_API_KEY); the scenario's script is ignored, "
+                   "its checks still apply.")
+def run(file: str, state: str, json_out: str | None, model: str | None) -> None:
     """Run one scenario FILE on the embedded runtime and print its trace.
 
     Each step shows the tool call, the kernel's decision, the capability handle that decided
@@ -76,7 +80,27 @@ def run(file: str, state: str, json_out: str | None) -> None:
     Path(state).mkdir(parents=True, exist_ok=True)
     console.print(f"[bold]{escape(scenario.id)}[/bold]: {escape(scenario.title)}")
     started = time.monotonic()
-    result = run_libos(scenario, keep_state=str(Path(state) / "runs" / f"{scenario.id}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"))
+    backend: Any = None
+    if model:
+        from agentlibos.actors import AnthropicModel, OpenAIChatModel
+
+        provider = model.split(":", 1)[0]
+        if provider == "anthropic":
+            if not os.environ.get("ANTHROPIC_API_KEY"):
+                err.print("[red]error:[/red] --model anthropic:MODEL needs ANTHROPIC_API_KEY in the environment")
+                sys.exit(2)
+            backend = AnthropicModel(base_url=os.environ.get("ANTHROPIC_BASE_URL"))
+        elif provider == "openai":
+            backend = OpenAIChatModel(base_url=os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1"))
+        else:
+            err.print(f"[red]error:[/red] unknown model provider {provider!r} (anthropic:MODEL or openai:MODEL)")
+            sys.exit(2)
+    try:
+        result = run_libos(scenario, model=model, backend=backend,
+                           keep_state=str(Path(state) / "runs" / f"{scenario.id}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"))
+    finally:
+        if backend is not None:
+            backend.close()
     for s in result.steps:
         step_src = _step_source(scenario, s.process, s.index)
         decision = {"allowed": "[green]allow[/green]", "denied": "[red]deny[/red]",
@@ -259,6 +283,33 @@ def kernel_cmd(state: str, world_root: str | None) -> None:
         console.print(f"kernel on {escape(str(rt.state_dir))}; endpoint {escape(rt.endpoint)}; Ctrl-C stops it")
         done.wait()
     console.print("kernel stopped")
+
+
+@main.command("console")
+@state_option
+@click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535),
+              help="Port to listen on (0 picks a free one).")
+@click.option("--bind", "bind", default="127.0.0.1", show_default=True,
+              help="Address to listen on. Loopback only unless you say otherwise: anyone who can reach it "
+                   "and has the URL's token can operate the kernel.")
+@click.option("--world", "world_root", type=click.Path(file_okay=False), help="World root (default STATE/world).")
+def console_cmd(state: str, port: int, bind: str, world_root: str | None) -> None:
+    """Serve the web supervision console for a kernel on --state until interrupted.
+
+    Starts a kernel on --state (as `agentlibos kernel` does) and serves, on http://BIND:PORT, the
+    process tree, budgets, capabilities, pending approvals, a live audit stream, LLM calls, images,
+    checkpoints and the log's verify status. Approve, deny, kill and revoke are operator requests
+    through the kernel, logged like any other. The printed URL carries a random access token; every
+    request needs it.
+    """
+    from agentlibos.bus import BusError
+    from agentlibos.console import serve
+
+    try:
+        serve(state, host=bind, port=port, world_root=world_root, announce=click.echo)
+    except BusError as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}")
+        sys.exit(2)
 
 
 def _operator(state: str) -> Any:

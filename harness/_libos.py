@@ -299,7 +299,10 @@ class Judge:
 
 
 def run_libos(scenario: Scenario, *, keep_state: str | None = None,
-              on_step: Callable[[StepResult], None] | None = None) -> RunResult:
+              on_step: Callable[[StepResult], None] | None = None,
+              model: str | None = None, backend: Any = None) -> RunResult:
+    """Run a scenario on agent-libos. With `model` (e.g. "anthropic:claude-...") and its backend,
+    a real model drives the root process: the script is ignored and the checks still apply."""
     result = RunResult(scenario=scenario.id, system="libos", tags=scenario.tags)
     started = time.monotonic()
     for kind in UNSUPPORTED_WORLD:
@@ -308,9 +311,12 @@ def run_libos(scenario: Scenario, *, keep_state: str | None = None,
             return result
     world = World(scenario).build()
     judge = Judge(scenario, world)
-    model = ScriptedModel(scenario.scripts(), on_step=judge.on_step, on_operator=judge.on_operator,
-                          substitute=judge.substitute, choose=judge.choose_script)
-    rt = Runtime(keep_state or world.state, world_root=world.root, models={"scripted": model, "*": model},
+    scripted = ScriptedModel(scenario.scripts(), on_step=judge.on_step, on_operator=judge.on_operator,
+                             substitute=judge.substitute, choose=judge.choose_script)
+    models: dict[str, Any] = {"scripted": scripted, "*": scripted}
+    if model is not None:
+        models[model.split(":", 1)[0]] = backend
+    rt = Runtime(keep_state or world.state, world_root=world.root, models=models,
                  observer=judge, ipc=False, path=(str(world.bin), "/usr/local/bin", "/usr/bin", "/bin"),
                  shell_env={"WORLD_ROOT": str(world.root), "HOME": str(world.root), **world.servers.env(),
                             **world.mcp_servers.env()},
@@ -328,7 +334,8 @@ def run_libos(scenario: Scenario, *, keep_state: str | None = None,
             grants = [dict(c) for c in scenario.caps]
             try:
                 judge.root_pid = pid = rt.spawn(ROOT_IMAGE, caps=grants, budget=dict(scenario.budget) or None,
-                                                input="begin", model=scenario.image.get("model"))
+                                                input=scenario.image.get("prompt") if model else "begin",
+                                                model=model or scenario.image.get("model"))
             except KernelError as exc:
                 result.error = f"could not start the root process: {exc}"
                 return result
@@ -346,7 +353,7 @@ def run_libos(scenario: Scenario, *, keep_state: str | None = None,
             s.cap = memo.get(s.seq or -1)
         result.steps = sorted(judge.results, key=lambda s: (s.pid or 0, s.index))
         killed = {p["pid"] for p in procs if p["state"] == "killed"}
-        not_reached = _not_reached(scenario, judge, procs, killed)
+        not_reached = _not_reached(scenario, judge, procs, killed) if model is None else []
         result.steps.extend(not_reached)
         result.checks = checks
         result.leaks = judge.leaks + _leaked_files(scenario, world)

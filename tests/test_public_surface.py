@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import REPO
 
-PACKAGES = ["storage", "bus", "kernel", "actors", "runtime", "harness", "cli"]
+PACKAGES = ["storage", "bus", "kernel", "actors", "runtime", "harness", "console", "cli"]
 # What each package may import from agentlibos (ARCHITECTURE.md; bus errors are shared, see docs/architecture.md).
 ALLOWED = {
     "storage": {"bus._errors"},
@@ -18,7 +18,8 @@ ALLOWED = {
     "actors": {"bus"},
     "runtime": {"bus", "kernel", "actors", "storage"},
     "harness": {"bus", "kernel", "actors", "storage", "runtime"},
-    "cli": {"bus", "kernel", "actors", "storage", "runtime", "harness"},
+    "console": {"bus", "runtime", "storage"},
+    "cli": {"bus", "kernel", "actors", "storage", "runtime", "harness", "console"},
 }
 
 
