@@ -62,7 +62,7 @@ SECURITY_HEADERS = {
 }
 TOPICS = ("audit", "proc", "approval", "llm")
 LIVE_STATES = ("embryo", "ready", "running", "blocked", "suspended")
-SUSPEND_NOTE = "suspend/resume: the kernel has no operator request for it yet"
+SUSPEND_NOTE = "a suspended process's requests wait, undecided, until it is resumed"
 
 # Control characters (ANSI escapes start with ESC), and bidi/zero-width characters that could make
 # text read differently from what it is: shown as \xNN / \uNNNN, never interpreted.
@@ -457,10 +457,14 @@ class _Console:
         return "revoked " + ", ".join(f"cap {c}" for c in revoked)
 
     def _do_suspend(self, form: dict[str, str]) -> str:
-        raise _Unsupported(SUSPEND_NOTE)
+        pid = int(form["pid"])
+        self.rt.operator.call("op.suspend", {"pid": pid})
+        return f"suspended pid {pid}"
 
     def _do_resume(self, form: dict[str, str]) -> str:
-        raise _Unsupported(SUSPEND_NOTE)
+        pid = int(form["pid"])
+        self.rt.operator.call("op.resume", {"pid": pid})
+        return f"resumed pid {pid}"
 
     # -- the event stream
     async def events(self, request: Request) -> Response:

@@ -120,6 +120,8 @@ class Proc:
     skills: list[str] = field(default_factory=list)
     conversation: dict[str, Any] = field(default_factory=dict)
     origin: str = "spawn"  # spawn | boot | fork
+    held: list[tuple[bytes, Request]] = field(default_factory=list)  # requests waiting while suspended
+    resume_state: str = "ready"
 
 
 @dataclass(slots=True)
@@ -536,6 +538,10 @@ class Kernel(pykka.ThreadingActor):
         proc = self.procs[caller.pid]
         if proc.state not in LIVE:
             self._reply(conn, Reply.failure(req.id, "EPERM", f"process {proc.pid} has {proc.state}"))
+            return
+        if proc.state == "suspended" and spec.name != "proc.exit":
+            # Held undecided: nothing is logged or charged until an operator resumes it.
+            proc.held.append((conn, req))
             return
         self._syscall(conn, proc, req, spec, args)
 
@@ -1540,6 +1546,10 @@ class Kernel(pykka.ThreadingActor):
                 if len(q) >= MAX_QUEUE:
                     raise KernelError("EINVAL", f"queue {queue!r} of process {target.pid} is full ({MAX_QUEUE})")
                 q.append(dict(message))
+                if target.daemon and queue == "inbox":
+                    # An idle agent wakes on mail: a turn starts with a notice; msg.recv reads it.
+                    self._command(Command("deliver", target.pid, {"input": {
+                        "notice": f"a message from process {proc.pid} is waiting on your inbox queue (msg_recv)"}}))
             return {"delivered": target.pid}
 
         out = Outcome.allow(cap, detail={"to": target.pid, "queue": queue, "bytes": size})
@@ -1763,6 +1773,27 @@ class Kernel(pykka.ThreadingActor):
         if proc is None:
             raise KernelError("ENOENT", f"no process {args['pid']}")
         return {"killed": self._kill(proc)}
+
+    def _op_suspend(self, conn: bytes, req: Request, args: dict[str, Any], seq: int) -> Any:
+        proc = self.procs.get(args["pid"])
+        if proc is None or proc.state not in LIVE:
+            raise KernelError("ENOENT", f"no live process {args['pid']}")
+        if proc.state != "suspended":
+            proc.resume_state = proc.state
+            self._set_state(proc, "suspended")
+        return {"pid": proc.pid, "state": "suspended"}
+
+    def _op_resume(self, conn: bytes, req: Request, args: dict[str, Any], seq: int) -> Any:
+        proc = self.procs.get(args["pid"])
+        if proc is None or proc.state != "suspended":
+            raise KernelError("ENOENT", f"no suspended process {args['pid']}")
+        self._set_state(proc, proc.resume_state if proc.resume_state in LIVE else "ready")
+        held, proc.held = proc.held, []
+        for held_conn, held_req in held:
+            caller = self._conns.get(held_conn)
+            if caller is not None:
+                self._request(held_conn, caller, held_req)
+        return {"pid": proc.pid, "state": proc.state, "released": len(held)}
 
     def _op_send(self, conn: bytes, req: Request, args: dict[str, Any], seq: int) -> Any:
         proc = self.procs.get(args["pid"])

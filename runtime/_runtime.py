@@ -241,6 +241,13 @@ class Runtime:
     def kill(self, pid: int) -> list[int]:
         return list(self.operator.call("op.kill", {"pid": pid})["killed"])
 
+    def suspend(self, pid: int) -> None:
+        """Hold a process's requests undecided until `resume` (its model may still be thinking)."""
+        self.operator.call("op.suspend", {"pid": pid})
+
+    def resume(self, pid: int) -> None:
+        self.operator.call("op.resume", {"pid": pid})
+
     def ps(self) -> list[dict[str, Any]]:
         return list(self.operator.call("op.ps")["processes"])
 

@@ -167,10 +167,16 @@ def test_open_redirects_are_not_followed(env: Env, web: httpx.Client) -> None:
     assert r.headers["location"].startswith("/?")
 
 
-def test_suspend_and_resume_are_not_served(env: Env, web: httpx.Client) -> None:
-    for action in ("suspend", "resume"):
-        r = web.post(f"/actions/{action}", data={"pid": "1", "csrf": _csrf(env)})
-        assert r.status_code == 501 and "ENOSYS" in r.text
+def test_suspend_and_resume_go_through_the_kernel(env: Env, web: httpx.Client) -> None:
+    pid, _aid = _blocked(env)
+    state = lambda: next(p["state"] for p in env.rt.ps() if p["pid"] == pid)  # noqa: E731
+    r = web.post("/actions/suspend", data={"pid": str(pid), "csrf": _csrf(env)})
+    assert r.status_code == 303 and "notice=" in r.headers["location"], r.headers["location"]
+    assert state() == "suspended"
+    assert 'data-action="resume"' in web.get("/").text
+    r = web.post("/actions/resume", data={"pid": str(pid), "csrf": _csrf(env)})
+    assert r.status_code == 303 and "notice=" in r.headers["location"]
+    assert state() != "suspended"
     assert web.post("/actions/format-disk", data={"csrf": _csrf(env)}).status_code == 404
 
 
@@ -214,7 +220,7 @@ def test_dashboard_shows_processes_budgets_caps_and_verify(env: Env, web: httpx.
     assert 'data-handle="ws"' in page and 'data-handle="gate"' in page  # caps
     assert f'id="approval-{aid}"' in page and "outbox/out.txt" in page  # the kernel's rendering
     assert "verified:" in page
-    assert "disabled" in page and "suspend" in page
+    assert 'data-action="suspend"' in page
     assert "gated" in page  # images
 
 
