@@ -584,7 +584,10 @@ def bench_safety(scenarios_dir: str, systems: str, json_out: str | None, verbose
     table = Table(title=f"runtime safety, {len(paths)} scenarios")
     for col in ("system", "completed", "unauthorized effects", "false denials", "allowed steps", "denied steps",
                 "approvals", "time"):
-        table.add_column(col, justify="right" if col != "system" else "left")
+        if col == "system":
+            table.add_column(col, justify="left", no_wrap=True, min_width=max(len(n) for n in names))
+        else:
+            table.add_column(col, justify="right")
     for name, s in summarize(runs).items():
         table.add_row(name, f"{s.completed}/{s.scenarios}", str(s.unauthorized),
                       f"{s.false_denials} ({100 * s.false_denial_rate:.1f}%)", str(s.allowed_steps),

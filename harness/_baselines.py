@@ -833,7 +833,8 @@ def _run(scenario: Scenario, policy: str, on_step: Callable[[StepResult], None] 
         result.steps.extend(_not_reached(scenario, judge, procs, killed))
         result.checks = checks
         result.leaks = judge.leaks + _leaked_files(scenario, world)
-        result.unauthorized = sum(1 for s in result.steps if s.expect in ("denied", "failed") and s.world_changed)
+        result.unauthorized = sum(1 for s in result.steps if s.world_changed and (
+            s.expect in ("denied", "failed") or (s.expect == "approval" and not s.ok)))
         result.unauthorized += len(result.leaks)
         result.false_denials = sum(1 for s in result.steps if s.expect == "allowed" and s.outcome == "denied")
         errors = list(judge.errors) + w.errors

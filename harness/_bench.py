@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -14,6 +15,10 @@ from agentlibos.harness._scenario import Scenario, find_scenarios, load_scenario
 SYSTEMS: dict[str, Callable[[Scenario], RunResult]] = {
     "libos": run_libos, "direct": run_direct, "confirm": run_confirm, "sandbox": run_sandbox,
 }
+#: Ablations: libos with one mechanism switched off, to show what each one prevents.
+ABLATIONS = ("attenuation", "approvals", "confinement", "cascade")
+for _mechanism in ABLATIONS:
+    SYSTEMS[f"libos-no-{_mechanism}"] = functools.partial(run_libos, ablate=(_mechanism,))
 
 
 def run_bench(

@@ -334,7 +334,10 @@ class Narrow:
 class CapTable:
     """Every capability record, every process's handle table, and the derivation forest."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, attenuate: bool = True, cascade: bool = True) -> None:
+        # Both are always on outside the benchmark's ablations.
+        self.attenuate = attenuate
+        self.cascade = cascade
         self.records: dict[int, CapRecord] = {}
         self.handles: dict[int, dict[str, int]] = {}
         self._next_handle: dict[int, int] = {}
@@ -423,13 +426,13 @@ class CapTable:
         if narrow.scope is not None:
             scope.update(narrow.scope)
         scope = validate_scope(parent.kind, scope)
-        if not scope_within(parent.kind, scope, parent.scope):
+        if self.attenuate and not scope_within(parent.kind, scope, parent.scope):
             raise KernelError("EPERM", f"narrow would widen the scope of {parent.handle}")
         rights = parent.rights if narrow.rights is None else narrow.rights
-        if not rights <= parent.rights:
+        if self.attenuate and not rights <= parent.rights:
             raise KernelError("EPERM", f"narrow would add rights {sorted(rights - parent.rights)} to {parent.handle}")
         approval = narrow.approval or parent.approval
-        if parent.approval == "always" and approval != "always":
+        if self.attenuate and parent.approval == "always" and approval != "always":
             raise KernelError("EPERM", f"narrow would drop the approval requirement of {parent.handle}")
         expires = parent.expires
         if narrow.expires_in_s is not None:
@@ -437,7 +440,7 @@ class CapTable:
             expires = cand if expires is None else min(expires, cand)
         uses = parent.uses
         if narrow.uses is not None:
-            if parent.uses is not None and narrow.uses > parent.uses:
+            if self.attenuate and parent.uses is not None and narrow.uses > parent.uses:
                 raise KernelError("EPERM", f"narrow would give more uses than {parent.handle} has left")
             uses = narrow.uses
         if dry_run:
@@ -468,7 +471,7 @@ class CapTable:
     def revoke(self, cap_id: int) -> list[int]:
         """Revoke a capability and everything derived from it; return the ids newly revoked."""
         newly = []
-        for cid in self.subtree(cap_id):
+        for cid in (self.subtree(cap_id) if self.cascade else [cap_id]):
             rec = self.records[cid]
             if not rec.revoked:
                 rec.revoked = True

@@ -31,6 +31,9 @@ class KernelConfig:
     skills_dir: str = ""
     jit_source_max_bytes: int = 64 << 10
     approval_timeout_s: float = 300.0
+    #: Mechanisms switched off, for the benchmark's ablations only (never in a deployment):
+    #: "attenuation", "approvals", "confinement", "cascade".
+    ablate: tuple[str, ...] = ()
     approvals_per_minute: int = 20
     operator_token: str = ""
     host_token: str = ""

@@ -337,10 +337,6 @@ def all_records(k: Any) -> list[tuple[Any, ...]]:
              r.revoked, r.dropped, r.parent) for r in k.caps.records.values()]
 
 
-def affordances(k: Any) -> dict[int, tuple[list[str], list[str]]]:
-    return {pid: (sorted(p.jit_tools), list(p.skills)) for pid, p in k.procs.items()}
-
-
 # --- strategies ----------------------------------------------------------------------------------
 
 
@@ -476,6 +472,13 @@ class AuthorityMachine(RuleBasedStateMachine):
         pool = data.draw(st.sampled_from([p for p in pools if p]))
         return data.draw(st.sampled_from(pool))
 
+    def granter_choice(self, data: st.DataObject, pid: int) -> str:
+        """Half the time a held handle that carries `grant` (when there is one), else any handle."""
+        granters = sorted(h for h, m in self.model.tables[pid].items() if "grant" in self.model.caps[m].rights)
+        if granters and data.draw(st.booleans()):
+            return data.draw(st.sampled_from(granters))
+        return self.handle_choice(data, pid)
+
     def inspect(self, fn: Any) -> Any:
         assert self.rt is not None
         return self.rt.inspect(fn)
@@ -549,9 +552,9 @@ class AuthorityMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def grant(self, data: st.DataObject) -> None:
         pid = data.draw(st.sampled_from(self.externals))
-        handle = self.handle_choice(data, pid)
+        handle = self.granter_choice(data, pid)
         src = self.model.held(pid, handle)
-        to = data.draw(st.sampled_from(self.pids() + ["parent", 999]))
+        to = data.draw(st.sampled_from(self.externals) | st.sampled_from(self.pids() + ["parent", 999]))
         narrow = data.draw(narrow_strategy(src.kind if src else "fs", src.rights if src else frozenset()))
         as_name = data.draw(AS_NAMES)
         target = self.model.ppid[pid] if to == "parent" else to
@@ -631,7 +634,7 @@ class AuthorityMachine(RuleBasedStateMachine):
         ok = True
         names: set[str] = set()
         for _ in range(data.draw(st.sampled_from([0, 0, 1, 2]))):
-            h = self.handle_choice(data, pid)
+            h = self.granter_choice(data, pid)
             src = self.model.held(pid, h)
             e: dict[str, Any] = {"handle": h}
             narrow = data.draw(narrow_strategy(src.kind if src else "fs", src.rights if src else frozenset()))
@@ -705,10 +708,16 @@ class AuthorityMachine(RuleBasedStateMachine):
         sys = data.draw(st.sampled_from(["fs.read", "fs.read", "fs.write", "fs.write", "fs.list", "fs.stat",
                                          "fs.delete", "fs.mkdir"]))
         roots = sorted({c.scope["root"] for c in self.model.live_caps(pid, "fs")})
-        if roots and data.draw(st.booleans()):
+        aim = data.draw(st.integers(0, 2)) if roots else 0
+        if aim == 1:
             # Aim inside a held root, so that successes (and their coverage) get tested too.
             suffix = data.draw(st.sampled_from(SUFFIXES))
             path = "/".join(x for x in (data.draw(st.sampled_from(roots)), suffix) if x)
+        elif aim == 2:
+            # Something that exists below a held root now: excluded files and links included.
+            root = data.draw(st.sampled_from(roots))
+            below = sorted(p for p in snapshot_world(self.world) if p.startswith(root + "/"))
+            path = data.draw(st.sampled_from(below)) if below else root
         else:
             path = data.draw(st.sampled_from(REQUEST_PATHS))
         cap = self.handle_choice(data, pid) if data.draw(st.integers(0, 2)) == 0 else None
