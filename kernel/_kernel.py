@@ -822,6 +822,7 @@ class Kernel(pykka.ThreadingActor):
                 raise KernelError("EPERM", f"{handle} does not authorize {what}")
             return cap
         dead: str | None = None
+        gated: CapRecord | None = None
         for cap in self.caps.held(proc.pid):
             if cap.kind != kind:
                 continue
@@ -831,7 +832,14 @@ class Kernel(pykka.ThreadingActor):
             if code is not None:
                 dead = dead or code
                 continue
+            if cap.approval == "always":
+                # Same authority either way: prefer a cap that needs no human (an approved-and-
+                # remembered grant) over one that asks.
+                gated = gated or cap
+                continue
             return cap
+        if gated is not None:
+            return gated
         if dead is not None:
             raise KernelError(dead, f"the {kind} capability that covered {what} is "
                                     f"{'revoked' if dead == 'EREVOKED' else 'expired or used up'}")
