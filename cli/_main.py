@@ -367,6 +367,29 @@ def approvals_cmd(state: str) -> None:
             console.print(f"    {escape(str(k))}: {escape(json.dumps(v, ensure_ascii=True))}")
 
 
+@main.command("resolve")
+@click.argument("decision", type=int, required=False)
+@state_option
+@click.option("--as", "outcome", type=click.Choice(["done", "failed", "retry"]),
+              help="What became of the effect (you checked the world): it happened, it did not, or run it again "
+                   "in a new run. The kernel never re-runs an effect whose outcome is unknown.")
+@click.option("--note", default="", help="Why, for the log.")
+def resolve_cmd(decision: int | None, state: str, outcome: str | None, note: str) -> None:
+    """List effects left unknown by a crash, or resolve the one logged at DECISION."""
+    if decision is None:
+        items = _op_call(state, "op.unknown", {})["effects"]
+        if not items:
+            console.print("no unknown effects")
+        for it in items:
+            console.print(f"decision {it['decision']}: pid {it['pid']} {escape(it['sys'])} (outcome unknown)")
+        return
+    if outcome is None:
+        err.print("[red]error:[/red] say what became of it: --as done|failed|retry")
+        sys.exit(2)
+    _op_call(state, "op.resolve", {"decision": decision, "outcome": outcome, "note": note})
+    console.print(f"decision {decision} resolved as {outcome}")
+
+
 @main.command("approve")
 @click.argument("approval_id", type=int)
 @state_option

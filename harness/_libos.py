@@ -151,7 +151,8 @@ class Judge:
         self.leaks: list[str] = []
         self.errors: list[str] = []
         self.killed: set[int] = set()
-        self.fork_scripts: dict[int, list[str | None]] = {}
+        self.fork_scripts: dict[int, str | None] = {}
+        self.assigned: dict[int, str | None] = {}  # forked pid -> the script it plays (None: none)
         self.rt: Runtime | None = None
         self.human: ScriptedHuman | None = None
         self.root_pid: int | None = None
@@ -182,7 +183,7 @@ class Judge:
     def on_step(self, pid: int, script: str, idx: int, step: Mapping[str, Any]) -> None:
         if step.get("tool") == "ckpt_fork":
             with self._lock:
-                self.fork_scripts.setdefault(pid, []).append(step.get("script"))
+                self.fork_scripts[pid] = step.get("script")
         locked = step.get("tool") not in BLOCKING_TOOLS
         if locked:
             self._step_lock.acquire(timeout=RUN_TIMEOUT_S)
@@ -246,9 +247,11 @@ class Judge:
         except Exception:
             return image
         if origin == "fork":
+            # The forker is inside its ckpt_fork step right now: that step names the script.
             with self._lock:
-                queue = self.fork_scripts.get(ppid, [])
-                return queue.pop(0) if queue else None
+                script = self.fork_scripts.get(ppid)
+                self.assigned[pid] = script
+                return script
         return image
 
     def _was_killed(self, pid: int) -> bool:
@@ -412,7 +415,9 @@ def _not_reached(scenario: Scenario, judge: Judge, procs: list[dict[str, Any]], 
     scripts = scenario.scripts()
     for p in procs:
         pid = p["pid"]
-        script = ROOT_IMAGE if pid == judge.root_pid else judge.scripts_of.get(pid, p["image"])
+        if pid in judge.assigned and judge.assigned[pid] is None:
+            continue  # a fork that plays no script has no steps to reach
+        script = ROOT_IMAGE if pid == judge.root_pid else judge.scripts_of.get(pid, judge.assigned.get(pid) or p["image"])
         if pid in killed or script not in scripts:
             continue
         done = judge.reached.get(pid, set())

@@ -59,7 +59,9 @@ TOOL_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
 SKILL_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 BUILTIN_TOOL_NAMES = frozenset(tool_name(n) for n in SYSCALLS) | frozenset(tool_name(n) for n in NOT_YET)
 MAX_QUEUE = 1000
-LIVE = ("embryo", "ready", "running", "blocked", "suspended")
+#: Syscalls whose effect happens outside the kernel (a crash between intent and result leaves it unknown).
+EFFECTFUL = ("fs.", "shell.exec", "llm.complete", "rpc.", "mcp.", "pty.", "git.")
+LIVE = ("embryo", "ready", "running", "blocked", "suspended", "needs_attention")
 OPERATOR = 0  # the author recorded for operator requests
 
 
@@ -218,6 +220,7 @@ class Kernel(pykka.ThreadingActor):
         self.procs: dict[int, Proc] = {}
         self.images: dict[str, dict[str, Any]] = {}
         self.checkpoints: dict[int, dict[str, Any]] = {}
+        self.unresolved: dict[int, dict[str, Any]] = {}
         self._next_ckpt = 0
         self.memory: dict[str, dict[str, Any]] = {}
         self.approvals: dict[int, Approval] = {}
@@ -307,13 +310,34 @@ class Kernel(pykka.ThreadingActor):
         log.error("kernel actor failure: %r", args)
 
     def _recover(self) -> None:
-        """Continue numbering after what the log holds; earlier runs' live processes are interrupted."""
+        """Continue after what the log holds. An effect logged as intended with no recorded result
+        is `unknown`: never run again on its own; its process waits in needs_attention until an
+        operator resolves it. Other live processes of the earlier session are interrupted."""
+        unknown = self._unknown_effects()
+        for seq, (pid, sys) in sorted(unknown.items()):
+            self._stage("effect.unknown", {"decision": seq, "pid": pid, "sys": sys}, pid=pid, cause=seq)
+            self.unresolved[seq] = {"decision": seq, "pid": pid, "sys": sys}
+        attention = {pid for pid, _ in unknown.values()}
         max_pid = 0
         for row in self.log_projection("processes"):
-            max_pid = max(max_pid, int(row["pid"]))
-            if row.get("state") in LIVE:
-                self._stage("proc.state", {"pid": row["pid"], "state": "exited", "status": "interrupted"})
+            pid = int(row["pid"])
+            max_pid = max(max_pid, pid)
+            if row.get("state") in LIVE and pid not in attention:
+                self._stage("proc.state", {"pid": pid, "state": "exited", "status": "interrupted"})
+        for pid in sorted(attention):
+            self._stage("proc.state", {"pid": pid, "state": "needs_attention", "status": "unknown effect"}, pid=pid)
+            self.procs[pid] = Proc(pid=pid, ppid=None, image="", model="", token="", daemon=False,
+                                   state="needs_attention", status="unknown effect")
         self._next_pid = max_pid + 1
+        # Checkpoints are content (a snapshot and the handles it named): restored as recorded.
+        try:
+            for e in self.log.entries(kinds=["ckpt.create"]):
+                present, snap = self.log.payload(e.seq)
+                if present and isinstance(snap, dict) and isinstance(snap.get("id"), int):
+                    self.checkpoints[snap["id"]] = snap
+                    self._next_ckpt = max(self._next_ckpt, snap["id"])
+        except Exception:
+            log.exception("kernel: could not recover checkpoints from the log")
         # Images registered earlier (an image is content, never authority: safe to restore as is).
         try:
             for e in self.log.entries(kinds=["image.register"]):
@@ -326,6 +350,23 @@ class Kernel(pykka.ThreadingActor):
         for row in self.log_projection("capabilities"):
             max_cap = max(max_cap, int(row["cap"]))
         self.caps._next_id = max_cap + 1
+
+    def _unknown_effects(self) -> dict[int, tuple[int, str]]:
+        """Decisions that allowed an outside effect and have no result: crashed mid-effect."""
+        open_: dict[int, tuple[int, str]] = {}
+        try:
+            for e in self.log.entries(kinds=["sys", "result", "effect.resolved"]):
+                b = e.body
+                if e.kind == "sys" and b.get("decision") == "allow" and b.get("ok") is not True \
+                        and str(b.get("sys", "")).startswith(EFFECTFUL) and e.pid is not None:
+                    open_[e.seq] = (e.pid, str(b["sys"]))
+                elif e.kind == "result" and e.cause is not None:
+                    open_.pop(e.cause, None)
+                elif e.kind == "effect.resolved":
+                    open_.pop(int(b.get("decision", 0)), None)
+        except Exception:
+            log.exception("kernel: could not scan the log for unknown effects")
+        return open_
 
     def log_projection(self, name: str) -> list[dict[str, Any]]:
         try:
@@ -1832,6 +1873,27 @@ class Kernel(pykka.ThreadingActor):
         if proc is None:
             raise KernelError("ENOENT", f"no process {args['pid']}")
         return {"killed": self._kill(proc)}
+
+    def _op_unknown(self, conn: bytes, req: Request, args: dict[str, Any], seq: int) -> Any:
+        return {"effects": [dict(v) for _, v in sorted(self.unresolved.items())]}
+
+    def _op_resolve(self, conn: bytes, req: Request, args: dict[str, Any], seq: int) -> Any:
+        """An operator says what became of an unknown effect (done, failed, or to be retried by a
+        new run); the kernel never re-runs it itself."""
+        outcome = args["outcome"]
+        if outcome not in ("done", "failed", "retry"):
+            raise KernelError("EINVAL", "outcome is done, failed or retry")
+        item = self.unresolved.pop(args["decision"], None)
+        if item is None:
+            raise KernelError("ENOENT", f"no unknown effect at decision {args['decision']}")
+        self._stage("effect.resolved", {"decision": item["decision"], "outcome": outcome, "author": "operator",
+                                        "note": str(args.get("note") or "")[:500]}, pid=item["pid"], cause=seq)
+        proc = self.procs.get(item["pid"])
+        if proc is not None and proc.state == "needs_attention" and not any(
+                v["pid"] == proc.pid for v in self.unresolved.values()):
+            self._set_state(proc, "exited", status=f"resolved ({outcome})")
+            proc.status = f"resolved ({outcome})"
+        return {"decision": item["decision"], "outcome": outcome}
 
     def _op_suspend(self, conn: bytes, req: Request, args: dict[str, Any], seq: int) -> Any:
         proc = self.procs.get(args["pid"])

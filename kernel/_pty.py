@@ -92,7 +92,7 @@ def _child_setup(mem_bytes: int) -> Callable[[], None]:
 
 def _session_members(sid: int) -> list[int]:
     """Live (non-zombie) processes in terminal session `sid`, from /proc."""
-    out = []
+    out: list[int] = []
     try:
         names = os.listdir("/proc")
     except OSError:
