@@ -77,10 +77,11 @@ WORLD_DEPENDENT = ("fs.", "shell.exec", "skill.", "rpc.", "mcp.")
 class _ReplayKernel(Kernel):
     def __init__(self, config: KernelConfig) -> None:
         # Providers with an empty configuration: their syscall rows and coverage rules, no peers.
+        from agentlibos.kernel._mcp import make_mcp_provider
         from agentlibos.kernel._rpc import make_rpc_provider
 
         super().__init__(config, _MemoryLog(), None, [], [], {"*": _NoModel()},  # type: ignore[arg-type]
-                         [make_rpc_provider({})])
+                         [make_rpc_provider({}), make_mcp_provider({})])
         self._routers = _Nowhere()  # type: ignore[assignment]
         self._pub = _Nowhere()  # type: ignore[assignment]
         self.effects_by_decision: dict[int, int] = {}
