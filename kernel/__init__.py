@@ -8,6 +8,7 @@ from agentlibos.kernel._kernel import EffectDone, Inspect, Kernel
 from agentlibos.kernel._mcp import McpToolChange, make_mcp_provider, mcp_within, tool_hash
 from agentlibos.kernel._models import Completion, CompletionRequest, ModelBackend
 from agentlibos.kernel._provider import CallInfo, Provider
+from agentlibos.kernel._pty import make_pty_provider
 from agentlibos.kernel._replay import ReplayReport, replay, replay_log
 from agentlibos.kernel._rpc import make_rpc_provider, normalize_url, rpc_within
 from agentlibos.kernel._table import ADDITIONS, NOT_YET, SYSCALLS, ArgSpec, SyscallSpec, tool_name
@@ -39,6 +40,7 @@ __all__ = [
     "SYSCALLS",
     "SyscallSpec",
     "make_mcp_provider",
+    "make_pty_provider",
     "make_rpc_provider",
     "mcp_within",
     "normalize_url",

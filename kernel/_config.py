@@ -31,6 +31,9 @@ class KernelConfig:
     skills_dir: str = ""
     jit_source_max_bytes: int = 64 << 10
     approval_timeout_s: float = 300.0
+    #: Operator-configured RPC endpoints (name -> URL) and MCP servers (name -> {url} or {command, env}).
+    rpc_endpoints: Mapping[str, str] = field(default_factory=dict)
+    mcp_servers: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     #: Mechanisms switched off, for the benchmark's ablations only (never in a deployment):
     #: "attenuation", "approvals", "confinement", "cascade".
     ablate: tuple[str, ...] = ()

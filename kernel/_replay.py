@@ -71,17 +71,19 @@ class _NoModel:
 
 #: Decisions that depend on the world outside the kernel (the filesystem, installed Skills): a
 #: replay takes the recorded facts for these and re-checks the capability and budget side only.
-WORLD_DEPENDENT = ("fs.", "shell.exec", "skill.", "rpc.", "mcp.")
+WORLD_DEPENDENT = ("fs.", "shell.exec", "skill.", "rpc.", "mcp.", "pty.")
 
 
 class _ReplayKernel(Kernel):
     def __init__(self, config: KernelConfig) -> None:
         # Providers with an empty configuration: their syscall rows and coverage rules, no peers.
         from agentlibos.kernel._mcp import make_mcp_provider
+        from agentlibos.kernel._pty import make_pty_provider
         from agentlibos.kernel._rpc import make_rpc_provider
 
         super().__init__(config, _MemoryLog(), None, [], [], {"*": _NoModel()},  # type: ignore[arg-type]
-                         [make_rpc_provider({}), make_mcp_provider({})])
+                         [make_rpc_provider({}), make_mcp_provider({}),
+                          make_pty_provider(path=config.path, world_root=str(config.world_root), env={})])
         self._routers = _Nowhere()  # type: ignore[assignment]
         self._pub = _Nowhere()  # type: ignore[assignment]
         self.effects_by_decision: dict[int, int] = {}
@@ -203,6 +205,10 @@ def replay(entries: Iterable[LogEntry], payload_of: Any, config: KernelConfig) -
                 k._timer_fired(parked)
                 return True
             return False
+        if e.kind.endswith(".notice"):
+            # A provider's own report (an MCP description changed): an outside stimulus.
+            k._stage(e.kind, dict(body), pid=e.pid)
+            return True
         if e.kind == "approval.decide" and body.get("author") == "timeout" and body.get("id") in k.approvals:
             k._decide_approval(body["id"], False, author="timeout", reason=body.get("reason", ""))
             return True

@@ -19,7 +19,16 @@ import zmq
 
 from agentlibos.actors import ProcessHost, ScriptedModel, ToolObserver
 from agentlibos.bus import BusError, EventStream, KernelClient, Topic, ipc_dir
-from agentlibos.kernel import Inspect, Kernel, KernelConfig, ModelBackend, Provider
+from agentlibos.kernel import (
+    Inspect,
+    Kernel,
+    KernelConfig,
+    ModelBackend,
+    Provider,
+    make_mcp_provider,
+    make_pty_provider,
+    make_rpc_provider,
+)
 from agentlibos.storage import SQLiteLog
 
 
@@ -89,6 +98,16 @@ class Runtime:
         self._observer = observer
         self._ipc = ipc
         self._providers = list(providers)
+        # The built-in providers, configured from the kernel config, unless given explicitly.
+        given = {p.kind for p in self._providers}
+        cfg = self.config
+        if "rpc" not in given:
+            self._providers.append(make_rpc_provider(dict(cfg.rpc_endpoints)))
+        if "mcp" not in given:
+            self._providers.append(make_mcp_provider({k: dict(v) for k, v in cfg.mcp_servers.items()}))
+        if "pty" not in given:
+            self._providers.append(make_pty_provider(path=cfg.path, world_root=str(cfg.world_root),
+                                                     env=dict(cfg.shell_env)))
         self._local = threading.local()
         self._clients: list[KernelClient] = []
         self._clients_lock = threading.Lock()
