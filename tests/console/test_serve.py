@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 
 from agentlibos.storage import SQLiteLog
 from tests.conftest import REPO
@@ -70,8 +69,7 @@ def test_serve_prints_a_tokened_url_and_stops_on_sigterm(tmp_path: Path) -> None
 def test_cli_console_command(tmp_path: Path) -> None:
     from agentlibos.cli import main
 
-    if "console" not in getattr(main, "commands", {}):
-        pytest.skip("`agentlibos console` is not wired into cli/_main.py yet")
+    assert "console" in main.commands  # type: ignore[attr-defined]
     state = tmp_path / "state"
     cmd = [sys.executable, "-c", "from agentlibos.cli import main; main()", "console", "--state", str(state),
            "--port", "0", "--world", str(tmp_path / "world")]
