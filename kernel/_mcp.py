@@ -37,7 +37,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from agentlibos.bus._errors import KernelError
-from agentlibos.kernel._provider import CallInfo, Provider
+from agentlibos.kernel._provider import check_bus_value, CallInfo, Provider
 from agentlibos.kernel._table import SyscallSpec, _row
 
 __all__ = ["MCP_SYSCALLS", "McpToolChange", "make_mcp_provider", "mcp_within", "tool_hash"]
@@ -54,7 +54,6 @@ MCP_SYSCALLS: tuple[SyscallSpec, ...] = (
 
 SERVER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _CONFIG_KEYS = frozenset({"url", "command", "env", "cwd"})
-_INT_MIN, _INT_MAX = -(1 << 63), (1 << 64) - 1  # what the bus (msgpack) can carry
 _MAX_PAGES = 100
 _CLOSE_GRACE_S = 5.0  # how long close() lets sessions end cleanly before cancelling them
 
@@ -149,22 +148,6 @@ def mcp_within(child: Mapping[str, Any], parent: Mapping[str, Any]) -> bool:
     if not isinstance(p_tools, list):
         return not isinstance(c_tools, list) or not c_tools
     return isinstance(c_tools, list) and set(c_tools) <= set(p_tools)
-
-
-def _check_value(value: Any) -> None:
-    """A result must be something the bus can carry (JSON values, 64-bit integers)."""
-    stack = [value]
-    while stack:
-        v = stack.pop()
-        if isinstance(v, bool) or v is None or isinstance(v, (str, float)):
-            continue
-        if isinstance(v, int):
-            if not _INT_MIN <= v <= _INT_MAX:
-                raise KernelError("EIO", "mcp result has an integer out of range")
-        elif isinstance(v, list):
-            stack.extend(v)
-        elif isinstance(v, dict):
-            stack.extend(v.values())
 
 
 def _content(block: Any) -> dict[str, Any]:
@@ -348,7 +331,7 @@ class _McpClient:
                 value["structured_content"] = result.structured_content
         else:
             raise KernelError("ENOSYS", f"{info.sys} is not an mcp syscall")
-        _check_value(value)
+        check_bus_value(value, "mcp")
         size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
         if size > self.max_response_bytes:
             raise KernelError("EIO", f"mcp response too large ({size} bytes; the limit is {self.max_response_bytes})")

@@ -11,7 +11,27 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from agentlibos.bus._errors import KernelError
 from agentlibos.kernel._table import SyscallSpec
+
+_INT_MIN, _INT_MAX = -(1 << 63), (1 << 64) - 1  # what the bus (msgpack) can carry
+
+
+def check_bus_value(value: Any, what: str) -> None:
+    """A provider's result must be something the bus can carry (JSON values, 64-bit integers);
+    anything else is EIO naming `what` produced it."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, bool) or v is None or isinstance(v, (str, float)):
+            continue
+        if isinstance(v, int):
+            if not _INT_MIN <= v <= _INT_MAX:
+                raise KernelError("EIO", f"{what} result has an integer out of range")
+        elif isinstance(v, list):
+            stack.extend(v)
+        elif isinstance(v, dict):
+            stack.extend(v.values())
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,7 +32,7 @@ from typing import Any
 from urllib.parse import SplitResult, unquote, urlsplit
 
 from agentlibos.bus._errors import KernelError
-from agentlibos.kernel._provider import CallInfo, Provider
+from agentlibos.kernel._provider import check_bus_value, CallInfo, Provider
 from agentlibos.kernel._table import SyscallSpec, _row
 
 __all__ = ["RPC_SYSCALLS", "make_rpc_provider", "normalize_url", "rpc_within"]
@@ -45,7 +45,6 @@ RPC_SYSCALLS: tuple[SyscallSpec, ...] = (
 ENDPOINT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _MAX_ERROR_MESSAGE = 1000
-_INT_MIN, _INT_MAX = -(1 << 63), (1 << 64) - 1  # what the bus (msgpack) can carry
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,22 +200,6 @@ class _PinnedHTTPS(http.client.HTTPSConnection):
             raw.close()
             raise
         self._deadline.watch(self.sock)
-
-
-def _check_value(value: Any) -> None:
-    """The result must be something the bus can carry (JSON values, 64-bit integers)."""
-    stack = [value]
-    while stack:
-        v = stack.pop()
-        if isinstance(v, bool) or v is None or isinstance(v, (str, float)):
-            continue
-        if isinstance(v, int):
-            if not _INT_MIN <= v <= _INT_MAX:
-                raise KernelError("EIO", "rpc result has an integer out of range")
-        elif isinstance(v, list):
-            stack.extend(v)
-        elif isinstance(v, dict):
-            stack.extend(v.values())
 
 
 def _reject_constant(name: str) -> Any:
@@ -402,7 +385,7 @@ class _RpcClient:
             raise KernelError("EIO", "rpc response id does not match the request")
         if not 200 <= status < 300:
             raise KernelError("EIO", f"rpc endpoint answered HTTP {status}")
-        _check_value(msg["result"])
+        check_bus_value(msg["result"], "rpc")
         return {"result": msg["result"]}
 
 
