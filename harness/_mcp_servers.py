@@ -27,7 +27,7 @@ import uvicorn
 from mcp.server.lowlevel import Server
 from mcp.server.stdio import stdio_server
 
-from agentlibos.harness._servers import env_name
+from agentlibos.harness._servers import ServerGroup, env_name
 
 __all__ = ["McpCall", "McpServer", "McpServerSet", "make_server", "serve_stdio"]
 
@@ -194,7 +194,7 @@ class McpServer:
             return sum(1 for c in self._table.calls if tool is None or c.tool == tool)
 
 
-class McpServerSet:
+class McpServerSet(ServerGroup):
     """The local MCP servers of one scenario world: one McpServer per `world.mcp` entry."""
 
     def __init__(self, world: Mapping[str, Any] | None = None) -> None:
@@ -203,24 +203,8 @@ class McpServerSet:
             tools = (spec or {}).get("tools") or {} if isinstance(spec, Mapping) else {}
             self.mcp[str(name)] = McpServer(str(name), tools)
 
-    def start(self) -> McpServerSet:
-        try:
-            for s in self.mcp.values():
-                s.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def stop(self) -> None:
-        for s in self.mcp.values():
-            s.stop()
-
-    def __enter__(self) -> McpServerSet:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def _members(self) -> dict[str, Any]:
+        return self.mcp
 
     def __iter__(self) -> Iterator[McpServer]:
         return iter(self.mcp.values())

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Self
 
 __all__ = ["RpcRequest", "RpcServer", "ServerSet", "env_name"]
 
@@ -205,7 +205,33 @@ def env_name(name: str) -> str:
     return re.sub(r"[^A-Z0-9]", "_", name.upper())
 
 
-class ServerSet:
+class ServerGroup:
+    """Start and stop a world's local servers together (a failed start stops the rest)."""
+
+    def _members(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def start(self) -> Self:
+        try:
+            for server in self._members().values():
+                server.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        for server in self._members().values():
+            server.stop()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class ServerSet(ServerGroup):
     """The local servers of one scenario world: one RpcServer per `world.rpc` entry."""
 
     def __init__(self, world: Mapping[str, Any] | None = None) -> None:
@@ -214,24 +240,8 @@ class ServerSet:
             methods = (spec or {}).get("methods") or {} if isinstance(spec, Mapping) else {}
             self.rpc[str(name)] = RpcServer(str(name), methods)
 
-    def start(self) -> ServerSet:
-        try:
-            for s in self.rpc.values():
-                s.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def stop(self) -> None:
-        for s in self.rpc.values():
-            s.stop()
-
-    def __enter__(self) -> ServerSet:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def _members(self) -> dict[str, Any]:
+        return self.rpc
 
     def __iter__(self) -> Iterator[RpcServer]:
         return iter(self.rpc.values())
