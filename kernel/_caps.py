@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 import posixpath
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +30,9 @@ KIND_RIGHTS: dict[str, frozenset[str]] = {
     "pty": frozenset({"open", "read", "write", "close"}),
     "llm": frozenset({"complete"}),
 }
-KINDS = frozenset(KIND_RIGHTS)
+#: The kinds the kernel defines itself; providers registered at kernel start add theirs.
+BUILTIN_KINDS = frozenset(KIND_RIGHTS)
+KINDS = BUILTIN_KINDS
 APPROVALS = ("never", "always")
 NARROW_FIELDS = frozenset({"scope", "rights", "approval", "expires_in_s", "uses"})
 
@@ -57,6 +59,31 @@ REQUIRED_SCOPE: dict[str, tuple[str, ...]] = {
     "llm": ("models",),
     "rpc": ("endpoint", "methods"),
 }
+
+
+#: Narrowing checks of registered kinds (a kind without one gets the generic check).
+_WITHIN: dict[str, Callable[[Mapping[str, Any], Mapping[str, Any]], bool]] = {}
+SCOPE_TYPES = frozenset({"str", "num", "str|int", _LIST, "list[str|int]", "list[list[str]]"})
+
+
+def register_kind(kind: str, rights: frozenset[str], scope_keys: Mapping[str, str],
+                  within: Callable[[Mapping[str, Any], Mapping[str, Any]], bool] | None = None) -> None:
+    """Make a provider's capability kind known (kernel start only). Registering the same kind
+    again with the same definition is a no-op; a different definition, or a built-in kind, is an
+    error: one name never means two kinds of authority in one process."""
+    if kind in BUILTIN_KINDS:
+        raise ValueError(f"{kind!r} is a built-in capability kind")
+    if not rights or not scope_keys or any(t not in SCOPE_TYPES for t in scope_keys.values()):
+        raise ValueError(f"capability kind {kind!r} needs rights and typed scope fields")
+    known = KIND_RIGHTS.get(kind)
+    if known is not None:
+        if known != rights or SCOPE_KEYS[kind] != dict(scope_keys) or _WITHIN.get(kind) is not within:
+            raise ValueError(f"capability kind {kind!r} is already registered with another definition")
+        return
+    KIND_RIGHTS[kind] = frozenset(rights)
+    SCOPE_KEYS[kind] = dict(scope_keys)
+    if within is not None:
+        _WITHIN[kind] = within
 
 
 def _type_ok(value: Any, t: str) -> bool:
@@ -89,7 +116,7 @@ def _rel_components(path: str) -> tuple[str, ...]:
 
 def validate_scope(kind: str, scope: Any) -> dict[str, Any]:
     """Check a scope's shape for its kind; return it normalized (a fresh dict)."""
-    if kind not in KINDS:
+    if kind not in KIND_RIGHTS:
         raise KernelError("EINVAL", f"unknown capability kind {kind!r}")
     if not isinstance(scope, Mapping):
         raise KernelError("EINVAL", "scope must be a map")
@@ -220,6 +247,11 @@ def scope_within(kind: str, child: Mapping[str, Any], parent: Mapping[str, Any])
             images_ok = "images" not in parent or ("images" in child and all(
                 any(glob_within(c, p) for p in parent["images"]) for c in child["images"]))
             return images_ok and _num_within(child.get("max_children"), parent.get("max_children"))
+        if kind in _WITHIN:
+            try:
+                return bool(_WITHIN[kind](child, parent))
+            except Exception:  # a narrowing check that cannot decide denies
+                return False
         return _generic_within(kind, child, parent)
     except KernelError:
         return False

@@ -34,6 +34,11 @@ class KernelConfig:
     #: Operator-configured RPC endpoints (name -> URL) and MCP servers (name -> {url} or {command, env}).
     rpc_endpoints: Mapping[str, str] = field(default_factory=dict)
     mcp_servers: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    #: Runtime Modules loaded at kernel start (dotted module paths or `agentlibos.modules` entry
+    #: point names), e.g. ("agentlibos.kernel._git",). Nothing loads one later.
+    modules: tuple[str, ...] = ()
+    #: Remotes the git module may push to (name -> URL); none: no push anywhere.
+    git_remotes: Mapping[str, str] = field(default_factory=dict)
     #: Mechanisms switched off, for the benchmark's ablations only (never in a deployment):
     #: "attenuation", "approvals", "confinement", "cascade".
     ablate: tuple[str, ...] = ()

@@ -595,9 +595,6 @@ def make_git_provider(
         raise ValueError(f"git module: no git program on {list(path)}")
     impl = _Git(Path(world_root), dict(remotes or {}), git=exe, path=path, timeout_s=timeout_s,
                 max_output_bytes=max_output_bytes, author=author)
-    extra: dict[str, Any] = {}
-    if "needs_approval" in getattr(Provider, "__dataclass_fields__", {}):
-        extra["needs_approval"] = needs_approval  # the kernel enforces it (see the proposed kernel patch)
     return Provider(
         kind="git",
         syscalls=GIT_SYSCALLS,
@@ -607,7 +604,7 @@ def make_git_provider(
         scope_keys=dict(GIT_SCOPE_KEYS),
         within=git_within,
         close=impl.close,
-        **extra,
+        needs_approval=needs_approval,
     )
 
 

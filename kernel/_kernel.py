@@ -38,7 +38,7 @@ from agentlibos.bus import (
 )
 from agentlibos.kernel import _fsops, _shell
 from agentlibos.kernel._budget import BudgetTree, parse_budget
-from agentlibos.kernel._caps import KINDS, CapRecord, CapTable, Narrow
+from agentlibos.kernel._caps import BUILTIN_KINDS, CapRecord, CapTable, Narrow, register_kind
 from agentlibos.kernel._config import KernelConfig
 from agentlibos.kernel._commit import Outputs
 from agentlibos.kernel._inbox import Inbound, KernelInbox
@@ -204,7 +204,13 @@ class Kernel(pykka.ThreadingActor):
         # The one syscall table: the built-in rows plus those of providers registered at start.
         self.syscalls: dict[str, SyscallSpec] = dict(SYSCALLS)
         self._ext: dict[str, Provider] = {}
+        #: The capability kinds this kernel grants: the built-in ones and its providers' kinds.
+        self.kinds: frozenset[str] = BUILTIN_KINDS
         for prov in providers or []:
+            if prov.kind not in BUILTIN_KINDS:
+                rights = frozenset(r for row in prov.syscalls for r in row.rights)
+                register_kind(prov.kind, rights, prov.scope_keys, prov.within)
+                self.kinds |= {prov.kind}
             for row in prov.syscalls:
                 if row.name in self.syscalls and row.name not in NOT_YET:
                     raise ValueError(f"provider {prov.kind!r}: syscall {row.name!r} is already in the table")
@@ -269,7 +275,10 @@ class Kernel(pykka.ThreadingActor):
                 prov.attach(functools.partial(self._notice, prov.kind))
         self.bound = True
         self._recover()
-        self._stage("kernel.start", {"pid": os.getpid(), "world_root": str(self.config.world_root)})
+        start: dict[str, Any] = {"pid": os.getpid(), "world_root": str(self.config.world_root)}
+        if self.config.modules:
+            start["modules"] = list(self.config.modules)
+        self._stage("kernel.start", start)
         self._flush()
 
     def state_hash(self) -> str:
@@ -624,8 +633,7 @@ class Kernel(pykka.ThreadingActor):
         if outcome.detail:
             body["detail"] = outcome.detail
         inline = (allowed and outcome.effect is None and outcome.park is None and outcome.apply is None
-                  and outcome.human_question is None and (outcome.cap is None or outcome.cap.approval != "always"
-                                                          or "approvals" in self.config.ablate))
+                  and outcome.human_question is None and not self._needs_human(outcome))
         if inline:
             # An effect on kernel state is atomic with its entry: one entry records the decision
             # and the result, and nothing is visible outside before it is durable.
@@ -649,10 +657,17 @@ class Kernel(pykka.ThreadingActor):
         if outcome.human_question is not None:
             self._ask_approval(conn, req.id, proc, spec, args, cap, outcome, seq, question=outcome.human_question)
             return
-        if cap is not None and cap.approval == "always" and "approvals" not in self.config.ablate:
+        if self._needs_human(outcome):
             self._ask_approval(conn, req.id, proc, spec, args, cap, outcome, seq)
             return
         self._carry_out(conn, req.id, proc, spec, outcome, seq)
+
+    def _needs_human(self, outcome: Outcome) -> bool:
+        """An allowed use waits for a human when its cap says `approval: always` or its provider
+        asks for one for this call."""
+        if "approvals" in self.config.ablate:
+            return False
+        return outcome.must_approve or (outcome.cap is not None and outcome.cap.approval == "always")
 
     def _carry_out(self, conn: bytes, rid: int, proc: Proc, spec: SyscallSpec, outcome: Outcome, seq: int) -> None:
         """Run what a logged decision allowed: an effect off this thread, an apply, or a park."""
@@ -1377,7 +1392,14 @@ class Kernel(pykka.ThreadingActor):
             except Exception:
                 log.exception("provider %s: describe() failed", prov.kind)
         info = CallInfo(pid=proc.pid, sys=spec.name, handle=cap.handle, scope=dict(cap.scope))
-        return Outcome.allow(cap, effect=lambda: prov.run(args, info), detail=detail)
+        out = Outcome.allow(cap, effect=lambda: prov.run(args, info), detail=detail)
+        if prov.needs_approval is not None:
+            try:
+                out.must_approve = bool(prov.needs_approval(spec.name, args))
+            except Exception:  # cannot tell: a human decides (fail closed)
+                log.exception("provider %s: needs_approval() failed", prov.kind)
+                out.must_approve = True
+        return out
 
     # --- providers: tools and Skills (affordances: they change what the model sees, not authority)
     def _sys_tool(self, proc: Proc, spec: SyscallSpec, args: dict[str, Any], handle: str | None, now: float) -> Outcome:
@@ -1808,7 +1830,7 @@ class Kernel(pykka.ThreadingActor):
         if not isinstance(spec, dict):
             raise KernelError("EINVAL", "a grant is a map with kind, scope and rights")
         kind = spec.get("kind")
-        if kind not in KINDS:
+        if kind not in self.kinds:
             raise KernelError("EINVAL", f"unknown capability kind {kind!r}")
         exp = spec.get("expires_in_s")
         rec = self.caps.create(
@@ -1832,7 +1854,7 @@ class Kernel(pykka.ThreadingActor):
         from agentlibos.kernel._caps import validate_rights, validate_scope
 
         for g in grants:
-            if not isinstance(g, dict) or g.get("kind") not in KINDS:
+            if not isinstance(g, dict) or g.get("kind") not in self.kinds:
                 raise KernelError("EINVAL", f"bad grant {g!r}: needs kind, scope, rights")
             validate_scope(g["kind"], g.get("scope", {}))
             validate_rights(g["kind"], g.get("rights", []))
@@ -2047,7 +2069,7 @@ class Outcome:
     """What a provider decided: deny with a code, or allow with a value, an effect, or a park."""
 
     __slots__ = ("code", "message", "cap", "value", "effect", "parked", "extra_charges", "detail", "after", "apply",
-                 "park", "check_only", "human_question")
+                 "park", "check_only", "human_question", "must_approve")
 
     def __init__(self) -> None:
         self.code: str | None = None
@@ -2059,6 +2081,8 @@ class Outcome:
         self.extra_charges: dict[str, float] = {}
         self.check_only: dict[str, float] = {}
         self.human_question: dict[str, Any] | None = None
+        #: The provider asks for a human whatever the capability says (git push...).
+        self.must_approve = False
         self.detail: dict[str, Any] | None = None
         self.after: Callable[[Any], None] | None = None
         # Runs on the kernel thread right after the decision is logged; returns the value.

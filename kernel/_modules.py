@@ -35,11 +35,11 @@ ENTRY_POINT_GROUP = "agentlibos.modules"
 _KIND = re.compile(r"[a-z][a-z0-9_]{0,31}")
 _VERB = re.compile(r"[a-z][a-z0-9_]{0,63}(\.[a-z][a-z0-9_]{0,63})*")
 _MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
-_SCOPE_TYPES = frozenset({"str", "num", "str|int", "list[str]", "list[str|int]", "list[list[str]]"})
+_SCOPE_TYPES = _caps.SCOPE_TYPES
 #: Built-in kinds a module may provide endpoints of (their rows are the built-in rpc/mcp rows).
 _ENDPOINT_KINDS = frozenset({"rpc", "mcp"})
 #: The kinds the kernel defines itself, as they were before any module registered one.
-_BUILTIN_KINDS: frozenset[str] = frozenset(getattr(_caps, "BUILTIN_KINDS", _caps.KIND_RIGHTS))
+_BUILTIN_KINDS = _caps.BUILTIN_KINDS
 _KERNEL_THREAD = re.compile(r"Kernel-\d+|agentlibos-effect.*")
 
 

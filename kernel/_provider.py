@@ -66,3 +66,6 @@ class Provider:
     attach: Callable[[Callable[[dict[str, Any]], None]], None] | None = None
     #: Called (on the kernel thread) when a process ends, to release what it held (sessions...).
     on_exit: Callable[[int], None] | None = None
+    #: needs_approval(sys, args) -> True when this call waits for a human whatever its capability
+    #: says (a push, a payment...). An error in it counts as True.
+    needs_approval: Callable[[str, Mapping[str, Any]], bool] | None = None

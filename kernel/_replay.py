@@ -5,9 +5,10 @@ that it makes the same decisions, entry by entry, and reaches the same final sta
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -81,9 +82,12 @@ class _ReplayKernel(Kernel):
         from agentlibos.kernel._pty import make_pty_provider
         from agentlibos.kernel._rpc import make_rpc_provider
 
+        from agentlibos.kernel._modules import load_modules
+
         super().__init__(config, _MemoryLog(), None, [], [], {"*": _NoModel()},  # type: ignore[arg-type]
                          [make_rpc_provider({}), make_mcp_provider({}),
-                          make_pty_provider(path=config.path, world_root=str(config.world_root), env={})])
+                          make_pty_provider(path=config.path, world_root=str(config.world_root), env={}),
+                          *load_modules(config.modules, config)])
         self._routers = _Nowhere()  # type: ignore[assignment]
         self._pub = _Nowhere()  # type: ignore[assignment]
         self.effects_by_decision: dict[int, int] = {}
@@ -122,7 +126,14 @@ class _ReplayKernel(Kernel):
         return self._from_record(proc, spec)
 
     def _sys_ext(self, proc: Any, spec: Any, args: Any, handle: Any, now: float) -> Any:
-        return self._from_record(proc, spec)
+        out = self._from_record(proc, spec)
+        prov = self._ext[spec.name]
+        if prov.needs_approval is not None:  # the same rule as the run: a pure function of the call
+            try:
+                out.must_approve = bool(prov.needs_approval(spec.name, args))
+            except Exception:
+                out.must_approve = True
+        return out
 
     def _release(self, out: Outputs) -> None:
         # Effects are never run again: their recorded results are fed back as stimuli.
@@ -150,6 +161,14 @@ def _comparable(kind: str, body: dict[str, Any]) -> dict[str, Any]:
 def replay(entries: Iterable[LogEntry], payload_of: Any, config: KernelConfig) -> ReplayReport:
     """Replay recorded entries; raise NondeterminismError at the first entry that differs."""
     started = time.monotonic()
+    entries = iter(entries)
+    first = next(entries, None)
+    if first is not None:
+        # The Runtime Modules the run's kernel loaded bring syscall rows the replay needs too.
+        modules = first.body.get("modules") if first.kind == "kernel.start" else None
+        if modules:
+            config = replace(config, modules=tuple(modules))
+        entries = itertools.chain([first], entries)
     k = _ReplayKernel(config)
     memory_log = k.log
     assert isinstance(memory_log, _MemoryLog)
@@ -183,7 +202,8 @@ def replay(entries: Iterable[LogEntry], payload_of: Any, config: KernelConfig) -
             if body.get("decision") == "allow" and body.get("ok") is True and isinstance(args, dict) and "args" in args:
                 args = args["args"]
             rid += 1
-            k.oracle = (body, payload(e)) if str(body["sys"]).startswith(WORLD_DEPENDENT) else None
+            world = str(body["sys"]).startswith(WORLD_DEPENDENT) or body["sys"] in k._ext
+            k.oracle = (body, payload(e)) if world else None
             try:
                 k._handle(conn_of(e.pid), Request(rid, body["sys"], args if isinstance(args, dict) else {},
                                                   body.get("asked_cap"), e.cause))

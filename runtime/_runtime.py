@@ -29,6 +29,7 @@ from agentlibos.kernel import (
     make_pty_provider,
     make_rpc_provider,
 )
+from agentlibos.kernel._modules import load_modules
 from agentlibos.storage import SQLiteLog
 
 
@@ -108,6 +109,8 @@ class Runtime:
         if "pty" not in given:
             self._providers.append(make_pty_provider(path=cfg.path, world_root=str(cfg.world_root),
                                                      env=dict(cfg.shell_env)))
+        # Runtime Modules named in the config: loaded here, before the kernel exists, and never later.
+        self._providers.extend(load_modules(cfg.modules, cfg))
         self._local = threading.local()
         self._clients: list[KernelClient] = []
         self._clients_lock = threading.Lock()

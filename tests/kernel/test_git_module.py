@@ -5,7 +5,6 @@ never run, typed operations, and push only to an operator-configured remote, onl
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 import sys
@@ -20,9 +19,8 @@ from typing import Any
 import pytest
 
 from agentlibos.bus import KernelClient, KernelError
-from agentlibos.kernel import _caps, _kernel
 from agentlibos.kernel._config import KernelConfig
-from agentlibos.kernel._git import GIT_RIGHTS, GIT_SCOPE_KEYS, git_within, make_git_provider, register
+from agentlibos.kernel._git import GIT_RIGHTS, make_git_provider, register
 from agentlibos.kernel._modules import ModuleError, load_modules
 from agentlibos.kernel._provider import CallInfo, Provider
 from agentlibos.kernel._rpc import make_rpc_provider
@@ -33,8 +31,6 @@ ALL = sorted(GIT_RIGHTS)
 GIT_ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/nonexistent", "LC_ALL": "C",
            "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": "/dev/null", "GIT_AUTHOR_NAME": "t",
            "GIT_AUTHOR_EMAIL": "t@t.invalid", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t.invalid"}
-#: The kernel honours Provider.needs_approval (the proposed kernel patch is applied).
-KERNEL_FORCES_APPROVAL = "needs_approval" in Provider.__dataclass_fields__
 
 
 def git(cwd: Path, *argv: str) -> str:
@@ -51,40 +47,8 @@ def make_repo(path: Path) -> Path:
     return path
 
 
-@pytest.fixture(autouse=True)
-def git_kind(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Until the proposed `_caps.register_kind` lands (the kernel then registers provider kinds
-    itself), accept the `git` kind for this test exactly as that patch would; undone afterwards."""
-    if hasattr(_caps, "register_kind"):
-        return
-    monkeypatch.setitem(_caps.KIND_RIGHTS, "git", GIT_RIGHTS)
-    monkeypatch.setitem(_caps.SCOPE_KEYS, "git", dict(GIT_SCOPE_KEYS))
-    monkeypatch.setattr(_caps, "KINDS", _caps.KINDS | {"git"})
-    monkeypatch.setattr(_kernel, "KINDS", _kernel.KINDS | {"git"})
-    builtin = _caps.scope_within
-
-    def scope_within(kind: str, child: Mapping[str, Any], parent: Mapping[str, Any]) -> bool:
-        return git_within(child, parent) if kind == "git" else builtin(kind, child, parent)
-
-    monkeypatch.setattr(_caps, "scope_within", scope_within)
-
-
-class Cfg:
-    """A KernelConfig plus the proposed `git_remotes` setting (a real field once _config.py has it)."""
-
-    def __init__(self, base: KernelConfig, git_remotes: Mapping[str, str]) -> None:
-        self._base = base
-        self.git_remotes = dict(git_remotes)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._base, name)
-
-
-def config(tmp_path: Path, remotes: Mapping[str, str]) -> Any:
-    base = KernelConfig.load(tmp_path / "state", tmp_path / "world")
-    if "git_remotes" in KernelConfig.__dataclass_fields__:
-        return dataclasses.replace(base, **{"git_remotes": dict(remotes)})
-    return Cfg(base, remotes)
+def config(tmp_path: Path, remotes: Mapping[str, str]) -> KernelConfig:
+    return KernelConfig.load(tmp_path / "state", tmp_path / "world", git_remotes=dict(remotes))
 
 
 class Env:
@@ -497,8 +461,6 @@ def test_push_to_an_unconfigured_remote_is_eperm(tmp_path: Path) -> None:
                           capture_output=True).returncode != 0
 
 
-@pytest.mark.xfail(not KERNEL_FORCES_APPROVAL, strict=True,
-                   reason="needs the proposed kernel patch: Provider.needs_approval, honoured by _sys_ext")
 def test_push_waits_for_approval_even_on_a_cap_without_it(tmp_path: Path) -> None:
     make_repo(tmp_path / "world" / "proj")
     remote = tmp_path / "remote.git"
@@ -516,8 +478,6 @@ def test_push_waits_for_approval_even_on_a_cap_without_it(tmp_path: Path) -> Non
         assert box["error"].code == "EDENIED"
 
 
-@pytest.mark.xfail("modules" not in KernelConfig.__dataclass_fields__, strict=True,
-                   reason="needs the proposed KernelConfig.modules / git_remotes fields and Runtime loading them")
 def test_modules_named_in_the_kernel_config(tmp_path: Path) -> None:
     make_repo(tmp_path / "world" / "proj")
     remote = tmp_path / "remote.git"
@@ -533,6 +493,19 @@ def test_modules_named_in_the_kernel_config(tmp_path: Path) -> None:
     with pytest.raises(ModuleError):
         Runtime(tmp_path / "state2", world_root=tmp_path / "world", ipc=False,
                 modules=("agentlibos_no_such_module_xyz",)).start()
+    # The short entry-point name works too.
+    rt = Runtime(tmp_path / "state3", world_root=tmp_path / "world", ipc=False, modules=("git",))
+    with rt:
+        rt.register_image("x")
+        pid, token = rt.spawn_external("x", caps=[cap(["proj"])])
+        with rt.client(token) as c:
+            assert c.call("git.status", {"repo": "proj"})["branch"] == "main"
+    # A kernel without the module grants no git capability (the kind is not its).
+    with Runtime(tmp_path / "state4", world_root=tmp_path / "world", ipc=False) as rt:
+        rt.register_image("x")
+        with pytest.raises(KernelError) as ei:
+            rt.spawn_external("x", caps=[cap(["proj"])])
+        assert ei.value.code == "EINVAL"
 
 
 # --- the provider on its own: no descriptor leaks -----------------------------------------------
@@ -557,3 +530,22 @@ def test_provider_run_leaks_no_descriptors(tmp_path: Path, fd_guard: None) -> No
     finally:
         assert prov.close is not None
         prov.close()
+
+
+def test_a_run_with_a_module_replays_with_it(tmp_path: Path) -> None:
+    """The replay loads the modules the run's kernel recorded at start, so module syscalls (and a
+    push that waited for a human) replay to the same decisions."""
+    from agentlibos.kernel._replay import replay_log
+
+    make_repo(tmp_path / "world" / "proj")
+    remote = tmp_path / "remote.git"
+    git(tmp_path, "init", "-q", "--bare", str(remote))
+    with Runtime(tmp_path / "state", world_root=tmp_path / "world", ipc=False, modules=("git",),
+                 git_remotes={"origin": str(remote)}) as rt:
+        rt.register_image("x")
+        pid, token = rt.spawn_external("x", caps=[cap(["proj"], remotes=["origin"])])
+        with rt.client(token) as c:
+            c.call("git.status", {"repo": "proj"})
+            assert code_of(c, "git.status", {"repo": "elsewhere"}) == "EPERM"
+    report = replay_log(tmp_path / "state" / "log.db", state_dir=tmp_path / "replay")
+    assert report.entries > 0 and report.state_hash == report.recorded_hash
