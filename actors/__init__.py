@@ -6,10 +6,8 @@ from agentlibos.actors._llm import (
     LLMTurn,
     OpenAIChatModel,
     ReplayModel,
-    call_record,
-    estimate_cost,
-    redact,
 )
+from agentlibos.kernel._observe import call_record, estimate_cost, redact
 from agentlibos.actors._jit import JitResult, JitRunner, JitSourceError, validate_source
 from agentlibos.actors._messages import Input, ProcessSpec, Stop
 from agentlibos.actors._process import AgentProcess, ToolObserver

@@ -43,6 +43,9 @@ class KernelConfig:
     #: "attenuation", "approvals", "confinement", "cascade".
     ablate: tuple[str, ...] = ()
     approvals_per_minute: int = 20
+    #: What the kernel records of each model call: "off", "metadata" (model, tokens, latency, stop
+    #: reason, cost estimate) or "full" (plus the request and the response, secrets redacted).
+    llm_observe: str = "metadata"
     operator_token: str = ""
     host_token: str = ""
 

@@ -44,6 +44,7 @@ from agentlibos.kernel._commit import Outputs
 from agentlibos.kernel._inbox import Inbound, KernelInbox
 from agentlibos.kernel._globs import PathSet, compile_glob
 from agentlibos.kernel._models import CompletionRequest, ModelBackend
+from agentlibos.kernel._observe import OBSERVE_LEVELS, call_record
 from agentlibos.kernel._paths import Root, resolve, split_path, strip_root
 from agentlibos.kernel._provider import CallInfo, Provider
 from agentlibos.kernel._table import NOT_YET, SYSCALLS, SyscallSpec, tool_name
@@ -163,6 +164,7 @@ class Pending:
     decision_seq: int
     charge_after: Callable[[Any], None] | None = None
     started: float = field(default_factory=time.monotonic)
+    observe: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)
@@ -197,6 +199,8 @@ class Kernel(pykka.ThreadingActor):
         providers: list[Provider] | None = None,
     ) -> None:
         super().__init__()
+        if config.llm_observe not in OBSERVE_LEVELS:
+            raise ValueError(f"llm_observe must be one of {', '.join(OBSERVE_LEVELS)}, not {config.llm_observe!r}")
         self.config = config
         # Time comes from here only: read once per message, so every decision and entry of one
         # message sees the same instant, and a replay can run the kernel on the recorded clock.
@@ -674,7 +678,8 @@ class Kernel(pykka.ThreadingActor):
         req = _Rid(rid)  # the request's id is all that is needed past this point
         if outcome.effect is not None:
             self._tickets += 1
-            self._pending[self._tickets] = Pending(conn, req.id, proc.pid, spec.name, seq, outcome.after)
+            self._pending[self._tickets] = Pending(conn, req.id, proc.pid, spec.name, seq, outcome.after,
+                                                   observe=outcome.observe)
             self._out.effects.append((self._tickets, outcome.effect, conn, req.id))
             return
         if outcome.park is not None:
@@ -850,16 +855,25 @@ class Kernel(pykka.ThreadingActor):
             return
         if p.charge_after is not None and msg.error is None:
             p.charge_after(msg.value)
-        if p.sys == "llm.complete":
-            usage = msg.value.get("usage", {}) if msg.error is None and isinstance(msg.value, dict) else {}
-            self._event(Topic.llm(), {
-                "pid": p.pid, "seq": p.decision_seq, "model": (msg.value or {}).get("model") if msg.error is None else None,
-                "input_tokens": usage.get("input_tokens", 0), "output_tokens": usage.get("output_tokens", 0),
-                "latency_s": round(time.monotonic() - p.started, 6),
-                "stop_reason": msg.value.get("stop_reason") if msg.error is None else None,
-                "error": msg.error.code if msg.error else None,
-            })
+        if p.observe is not None:
+            self._record_llm_call(p, msg)
         self._finish(p.conn, p.rid, p.pid, p.sys, p.decision_seq, msg.value, msg.error)
+
+    def _record_llm_call(self, p: Pending, msg: EffectDone) -> None:
+        """One `llm.call` entry and `llm/` event per model call, at the configured level. The
+        latency is the kernel's own measure (effect start to result), kept in the payload."""
+        ob = p.observe or {}
+        value = msg.value if msg.error is None and isinstance(msg.value, dict) else None
+        error = f"{msg.error.code}: {msg.error.message}" if msg.error is not None else None
+        rec = call_record(self.config.llm_observe, model=(value or {}).get("model") or ob.get("model"), value=value,
+                          latency_s=time.monotonic() - p.started, request=ob.get("request"), error=error,
+                          secrets=ob.get("secrets", ()))
+        if rec is None:
+            return
+        body = {k: rec[k] for k in ("model", "input_tokens", "output_tokens", "stop_reason", "cost_usd", "error")}
+        body["level"] = self.config.llm_observe
+        seq = self._stage("llm.call", body, pid=p.pid, cause=p.decision_seq, payload=rec, has_payload=True)
+        self._event(Topic.llm(), {"pid": p.pid, "seq": seq, "decision": p.decision_seq, **rec})
 
     # --- capability lookup ---------------------------------------------------------------------
     def _authorize(self, proc: Proc, kind: str, handle: str | None, now: float,
@@ -1213,6 +1227,11 @@ class Kernel(pykka.ThreadingActor):
         # max_tokens is checked up front and refused whole; what is charged is the reported usage.
         out.check_only = {"llm_tokens": float(max_tokens or 0)}
         out.after = charge_tokens
+        secret = getattr(backend, "_api_key", None)
+        out.observe = {"model": model, "secrets": [secret] if isinstance(secret, str) else [],
+                       "request": {"model": model, "system": args.get("system"), "messages": args["messages"],
+                                   "tools": [t.get("name") for t in args.get("tools") or [] if isinstance(t, dict)],
+                                   "max_tokens": max_tokens}}
         return out
 
     def _backend(self, model: str) -> ModelBackend | None:
@@ -2069,7 +2088,7 @@ class Outcome:
     """What a provider decided: deny with a code, or allow with a value, an effect, or a park."""
 
     __slots__ = ("code", "message", "cap", "value", "effect", "parked", "extra_charges", "detail", "after", "apply",
-                 "park", "check_only", "human_question", "must_approve")
+                 "park", "check_only", "human_question", "must_approve", "observe")
 
     def __init__(self) -> None:
         self.code: str | None = None
@@ -2083,6 +2102,8 @@ class Outcome:
         self.human_question: dict[str, Any] | None = None
         #: The provider asks for a human whatever the capability says (git push...).
         self.must_approve = False
+        #: For llm.complete: what the call record needs besides the result (model, request, secrets).
+        self.observe: dict[str, Any] | None = None
         self.detail: dict[str, Any] | None = None
         self.after: Callable[[Any], None] | None = None
         # Runs on the kernel thread right after the decision is logged; returns the value.

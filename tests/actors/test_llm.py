@@ -17,10 +17,8 @@ from agentlibos.actors._llm import (
     AnthropicModel,
     OpenAIChatModel,
     ReplayModel,
-    call_record,
-    estimate_cost,
-    redact,
 )
+from agentlibos.kernel._observe import call_record, estimate_cost, redact
 from agentlibos.bus import KernelError, NondeterminismError, Topic
 from agentlibos.kernel._models import CompletionRequest
 from agentlibos.runtime import Grant, Runtime
@@ -231,6 +229,39 @@ def test_anthropic_agent_end_to_end(tmp_path: Path, messages_server: MessagesSer
     assert [(b["sys"], b["decision"]) for b in sys if b["sys"] != "proc.exit"] == [
         ("llm.complete", "allow"), ("fs.read", "allow"), ("llm.complete", "allow"), ("fs.read", "deny"),
         ("llm.complete", "allow")]
+
+
+@pytest.mark.parametrize("level", ["off", "metadata", "full"])
+def test_the_kernel_records_each_model_call_at_the_configured_level(
+        tmp_path: Path, messages_server: MessagesServer, level: str) -> None:
+    key = "sk-ant-api03-" + "k" * 40
+    messages_server.push(message(text("done, my key is " + key), model="claude-sonnet-4-x", input_tokens=1000,
+                                output_tokens=100))
+    with AnthropicModel(base_url=messages_server.url, api_key=key, timeout_s=5) as model, \
+            Runtime(tmp_path / "s", world_root=tmp_path / "w", ipc=False, models={"anthropic": model},
+                    llm_observe=level) as rt:
+        rt.register_image("talker", prompt="Be brief. " + key)
+        pid = rt.spawn("talker", model="anthropic:claude-sonnet-4-x", input="hi", budget={"llm_tokens": 5000})
+        assert rt.wait(pid, timeout_s=60).status == "ok"
+    log = SQLiteLog.open_readonly(tmp_path / "s" / "log.db")
+    try:
+        calls = [(e.body, log.payload(e.seq)[1]) for e in log.entries(kinds=["llm.call"], pid=pid)]
+    finally:
+        log.close()
+    if level == "off":
+        assert calls == []
+        return
+    ((body, rec),) = calls
+    assert body["level"] == level
+    assert (body["model"], body["input_tokens"], body["output_tokens"], body["stop_reason"]) == (
+        "anthropic:claude-sonnet-4-x", 1000, 100, "end_turn")
+    assert body["cost_usd"] == pytest.approx((1000 * 3.0 + 100 * 15.0) / 1e6)
+    assert rec["latency_s"] >= 0
+    assert ("request" in rec) == (level == "full")
+    if level == "full":
+        assert rec["request"]["system"].startswith("Be brief.")
+        assert rec["response"]["content"][0]["text"].startswith("done")
+    assert key not in json.dumps(rec)
 
 
 def test_model_failure_ends_the_process_with_the_error(tmp_path: Path, messages_server: MessagesServer,
