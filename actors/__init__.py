@@ -7,7 +7,7 @@ from agentlibos.actors._llm import (
     OpenAIChatModel,
     ReplayModel,
 )
-from agentlibos.kernel._observe import call_record, estimate_cost, redact
+from agentlibos.bus._observe import call_record, estimate_cost, redact
 from agentlibos.actors._jit import JitResult, JitRunner, JitSourceError, validate_source
 from agentlibos.actors._messages import Input, ProcessSpec, Stop
 from agentlibos.actors._process import AgentProcess, ToolObserver

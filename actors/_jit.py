@@ -6,6 +6,8 @@ Layers (each one alone should hold): the source may not import anything; the hos
 new Worker with `permissions: "none"` and a prelude that withholds Workers, WebAssembly, stdio and
 Deno's internals; the host process lives in a user+mount+net namespace whose root is an empty,
 read-only tmpfs holding only the deno binary, its libraries and the host script.
+
+`JitRunner(sandbox=False)` switches every layer off (the benchmark's `jit-sandbox` ablation only).
 """
 
 from __future__ import annotations
@@ -281,14 +283,20 @@ class JitRunner:
         time_limit_ms: int = 5000,
         memory_mb: int = 128,
         os_sandbox: bool = True,
+        sandbox: bool = True,
         _lexical_guard: bool = True,
     ) -> None:
         self.deno_path = deno_path
         self.time_limit_ms = time_limit_ms
         self.memory_mb = memory_mb
-        self.os_sandbox = os_sandbox
+        # sandbox=False exists only for the benchmark's `jit-sandbox` ablation, which shows what the
+        # sandbox prevents: tools get every Deno permission, may import and build code from strings,
+        # and run outside the OS namespace. The prelude keeps only what guards the host's own
+        # protocol (stdio, console, exit). Never a default, never a deployment setting.
+        self.sandbox = sandbox
+        self.os_sandbox = os_sandbox and sandbox
         # Off only in tests that prove the deeper layers hold without the import ban.
-        self._lexical_guard = _lexical_guard
+        self._lexical_guard = _lexical_guard and sandbox
         self._lock = threading.Lock()
         self._host: _Host | None = None
         self._ids = itertools.count(1)
@@ -297,6 +305,12 @@ class JitRunner:
     # -- lifecycle -------------------------------------------------------------------------------
 
     def _argv(self, deno: str, root_dir: str | None) -> list[str]:
+        if not self.sandbox:
+            return [
+                deno, "run", "--quiet", "--no-prompt", "--no-config", "--no-lock", "--no-remote", "--no-npm",
+                "--unstable-worker-options", "--allow-all", f"--v8-flags=--max-old-space-size={int(self.memory_mb)}",
+                str(HOST_SCRIPT), "--unsandboxed",
+            ]
         deno_args = [
             "run",
             "--quiet",
@@ -363,7 +377,8 @@ class JitRunner:
         }
         if not self.os_sandbox:
             env["DENO_DIR"] = tempfile.mkdtemp(prefix="agentlibos-jit-deno-")
-        host = _Host(self._argv(deno, root_dir), env, root_dir)
+        # The host removes its scratch directory (the sandbox root, or Deno's cache dir) when it dies.
+        host = _Host(self._argv(deno, root_dir), env, root_dir or env.get("DENO_DIR"))
         if not host.ready.wait(START_TIMEOUT_S) or not host.alive:
             why = host.why_dead() if not host.alive else "the JIT host did not become ready"
             host.kill()

@@ -6,11 +6,16 @@
 //
 // Workers share this process's file descriptors, so the prelude withholds every way to reach them
 // (Deno.stdin/stdout/stderr, Deno's internals, `process`, console) before the tool module loads.
+//
+// Started with the argument `--unsandboxed` (and --allow-all) only for the benchmark's `jit-sandbox`
+// ablation: Workers inherit every permission and the prelude withholds only what would break this
+// protocol (stdio, console, exit), so a tool can reach the host directly, as it could without the sandbox.
 
 "use strict";
 
 // The code each Worker starts with. It must stay plain ASCII JavaScript: it travels as a data: URL.
-async function prelude() {
+async function prelude(opts) {
+  const open = !!(opts && opts.unsandboxed);
   const g = globalThis;
   const post = g.postMessage.bind(g);
   const addListener = g.addEventListener.bind(g);
@@ -23,9 +28,11 @@ async function prelude() {
   const WITHHELD = "is withheld by the JIT sandbox";
   const CODES = new Set(["EPERM", "EREVOKED", "EEXPIRED", "EBUDGET", "EDENIED", "EINVAL", "ENOENT",
     "EEXIST", "ETIMEDOUT", "EIO", "ENOSYS", "ECONFLICT"]);
-  const GLOBALS = ["Worker", "SharedWorker", "WebAssembly", "BroadcastChannel", "process", "Buffer",
+  const GLOBALS = open ? [] : ["Worker", "SharedWorker", "WebAssembly", "BroadcastChannel", "process", "Buffer",
     "global", "require", "close", "caches", "CacheStorage", "Cache", "navigator", "importScripts"];
-  const DENO_WITHHELD = ["stdin", "stdout", "stderr", "exit", "exitCode", "internal", "isatty", "consoleSize",
+  // Unsandboxed, only what would corrupt or end the host's protocol stays out of reach.
+  const DENO_WITHHELD = open ? ["stdin", "stdout", "stderr", "exit", "exitCode"] : ["stdin", "stdout", "stderr",
+    "exit", "exitCode", "internal", "isatty", "consoleSize",
     "inspect", "test", "bench", "jupyter", "lint", "telemetry", "permissions", "addSignalListener",
     "removeSignalListener", "chdir", "execPath", "Command", "ChildProcess", "Process", "run", "spawn",
     "spawnAndWait", "spawnAndWaitSync", "kill", "dlopen", "UnsafeCallback", "UnsafePointer", "UnsafePointerView",
@@ -221,7 +228,9 @@ async function prelude() {
   post({ t: "ready" });
 }
 
-const PRELUDE_URL = "data:text/javascript;base64," + btoa("(" + prelude.toString() + ")();\n");
+const UNSANDBOXED = Deno.args.includes("--unsandboxed");
+const PRELUDE_URL = "data:text/javascript;base64," +
+  btoa("(" + prelude.toString() + ")(" + JSON.stringify({ unsandboxed: UNSANDBOXED }) + ");\n");
 const POOL = 3;
 
 const encoder = new TextEncoder();
@@ -237,7 +246,7 @@ function send(msg) {
 // wait for isolate start-up.
 const idle = [];
 function spawnWorker() {
-  const w = new Worker(PRELUDE_URL, { type: "module", deno: { permissions: "none" } });
+  const w = new Worker(PRELUDE_URL, { type: "module", deno: { permissions: UNSANDBOXED ? "inherit" : "none" } });
   const slot = { w, ready: null, call: null };
   slot.ready = new Promise((resolve) => { slot.onReady = resolve; });
   w.onmessage = (ev) => onWorkerMessage(slot, ev.data);

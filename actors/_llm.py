@@ -19,7 +19,7 @@ from pathlib import PurePath
 from typing import Any
 
 from agentlibos.bus import KernelError, NondeterminismError
-from agentlibos.kernel._observe import redact
+from agentlibos.bus._observe import redact
 
 
 @dataclass(frozen=True, slots=True)

@@ -71,6 +71,7 @@ class AgentProcess(pykka.ThreadingActor):
         self._on_exit = on_exit
         self._client: KernelClient | None = None
         self._last_turn_seq: int | None = None
+        self._interrupted = False
 
     def on_start(self) -> None:
         self._client = KernelClient(self._endpoint, context=self._ctx, token=self.spec.token, timeout_s=None)
@@ -99,7 +100,9 @@ class AgentProcess(pykka.ThreadingActor):
             except Exception as exc:  # an agent bug ends the agent, not the host
                 log.exception("process %s failed", self.pid)
                 status, result = "error", f"{type(exc).__name__}: {exc}"
-            if not self.spec.daemon or status != "ok":
+            if status == "interrupted":
+                self.state = "ready"  # the operator stopped this turn; a follow-up message starts the next
+            elif not self.spec.daemon or status != "ok":
                 self._exit(status, result)
         return None
 
@@ -121,6 +124,8 @@ class AgentProcess(pykka.ThreadingActor):
             }, from_turn=False)
             if not reply.ok:
                 assert reply.error is not None
+                if reply.error.code == "EINTR":
+                    return "interrupted", reply.error.message
                 if reply.error.code == "EBUDGET":
                     return "budget", reply.error.message
                 return "error", str(reply.error)
@@ -132,8 +137,18 @@ class AgentProcess(pykka.ThreadingActor):
             calls = [b for b in blocks if b.get("type") == "tool_use"]
             if not calls:
                 return "ok", text
-            results = [self._run_tool(call) for call in calls]
+            results: list[dict[str, Any]] = []
+            for call in calls:
+                if self._interrupted:  # the rest of this turn's calls are not made
+                    results.append({"type": "tool_result", "tool_use_id": call.get("id", ""), "is_error": True,
+                                    "content": json.dumps({"error": {"code": "EINTR",
+                                                                     "message": "the operator interrupted this turn"}})})
+                else:
+                    results.append(self._run_tool(call))
             self.messages.append({"role": "user", "content": results})
+            if self._interrupted:
+                self._interrupted = False
+                return "interrupted", "the operator interrupted this turn"
             if turn.get("final") or turn.get("stop_reason") == "end_turn":
                 return "ok", text
         return "error", "turn step limit reached"
@@ -151,6 +166,8 @@ class AgentProcess(pykka.ThreadingActor):
             reply = self._call(syscall_for(name), args, cap=cap if isinstance(cap, str) else None)
             if reply.ok:
                 self._grow(name, args, reply.value)
+        if not reply.ok and reply.error is not None and reply.error.code == "EINTR":
+            self._interrupted = True
         if self._observer is not None:
             self._observer.tool_result(self.pid, self.spec.image, call, reply)
         return {"type": "tool_result", "tool_use_id": call.get("id", ""), "content": _result_text(reply),

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-#: ABI error codes (../shared/spec/ABI.md, "Error codes").
+#: ABI error codes (../shared/spec/ABI.md, "Error codes"), plus EINTR (docs/protocol.md: an
+#: operator interrupted the caller's turn).
 ERROR_CODES: frozenset[str] = frozenset(
     {
         "EPERM",
@@ -23,6 +24,7 @@ ERROR_CODES: frozenset[str] = frozenset(
         "EIO",
         "ENOSYS",
         "ECONFLICT",
+        "EINTR",
     }
 )
 

@@ -44,7 +44,7 @@ from agentlibos.kernel._commit import Outputs
 from agentlibos.kernel._inbox import Inbound, KernelInbox
 from agentlibos.kernel._globs import PathSet, compile_glob
 from agentlibos.kernel._models import CompletionRequest, ModelBackend
-from agentlibos.kernel._observe import OBSERVE_LEVELS, call_record
+from agentlibos.bus._observe import OBSERVE_LEVELS, call_record
 from agentlibos.kernel._paths import Root, resolve, split_path, strip_root
 from agentlibos.kernel._provider import CallInfo, Provider
 from agentlibos.kernel._table import NOT_YET, SYSCALLS, SyscallSpec, tool_name
@@ -87,6 +87,12 @@ class ApprovalTimeout:
 
 
 @dataclass(frozen=True, slots=True)
+class DeadlineFired:
+    pid: int
+    token: int
+
+
+@dataclass(frozen=True, slots=True)
 class ProviderNotice:
     """A provider's notice (e.g. an MCP tool description changed): logged and published."""
 
@@ -125,6 +131,12 @@ class Proc:
     origin: str = "spawn"  # spawn | boot | fork
     held: list[tuple[bytes, Request]] = field(default_factory=list)  # requests waiting while suspended
     resume_state: str = "ready"
+    #: The operator interrupted the current turn: the next syscall (other than proc.exit) gets EINTR.
+    interrupt: bool = False
+    #: What the operator may let this process ask for with cap.request (grant specs); none by default.
+    requestable: list[dict[str, Any]] = field(default_factory=list)
+    deadline: float | None = None
+    deadline_timer: threading.Timer | None = None
 
 
 @dataclass(slots=True)
@@ -406,6 +418,10 @@ class Kernel(pykka.ThreadingActor):
                 self._effect_done(message)
             elif isinstance(message, TimerFired):
                 self._timer_fired(message.key)
+            elif isinstance(message, DeadlineFired):
+                proc = self.procs.get(message.pid)
+                if proc is not None and proc.deadline_timer is not None and id(proc.deadline_timer) == message.token:
+                    self._deadline(proc)
             elif isinstance(message, ApprovalTimeout):
                 if message.id in self.approvals:
                     self._decide_approval(message.id, False, author="timeout", reason="no human answered in time")
@@ -596,6 +612,13 @@ class Kernel(pykka.ThreadingActor):
         if proc.state == "suspended" and spec.name != "proc.exit":
             # Held undecided: nothing is logged or charged until an operator resumes it.
             proc.held.append((conn, req))
+            return
+        if proc.interrupt and spec.name != "proc.exit":
+            proc.interrupt = False
+            err = KernelError("EINTR", "the operator interrupted this turn")
+            seq = self._stage("sys", {"sys": spec.name, "decision": "fail", "code": err.code, "message": err.message},
+                              pid=proc.pid, cause=req.cause, payload=args, has_payload=True)
+            self._reply(conn, Reply(req.id, False, error=err, seq=seq))
             return
         self._syscall(conn, proc, req, spec, args)
 
@@ -1245,6 +1268,8 @@ class Kernel(pykka.ThreadingActor):
         op = spec.name[4:]
         if op == "list":
             return Outcome.allow(None, value={"caps": [c.view() for c in self.caps.held(proc.pid)]})
+        if op == "request":
+            return self._cap_request(proc, args)
         h = args["handle"]
         cap = self.caps.by_handle(proc.pid, h)
         if cap is None:
@@ -1274,6 +1299,39 @@ class Kernel(pykka.ThreadingActor):
             self._log_cap(new, proc.pid)
             return Outcome.allow(cap, value={"handle": new.handle, "pid": target})
         raise KernelError("ENOSYS", spec.name)
+
+    def _cap_request(self, proc: Proc, args: dict[str, Any]) -> Outcome:
+        """A process asks for authority it lacks. Outside the ceiling the operator set at launch
+        (none by default) it is EPERM without asking anyone; inside, a human decides, and a yes is
+        a new capability (via cap.request), logged like any other grant."""
+        from agentlibos.kernel._caps import scope_within, validate_rights, validate_scope
+
+        kind = args["kind"]
+        if kind not in self.kinds:
+            raise KernelError("EINVAL", f"unknown capability kind {kind!r}")
+        scope = validate_scope(kind, args["scope"])
+        rights = validate_rights(kind, args["rights"])
+        if not rights:
+            raise KernelError("EINVAL", "a request names at least one right")
+        fits = [c for c in proc.requestable if c["kind"] == kind and rights <= set(c["rights"])
+                and scope_within(kind, scope, c["scope"])]
+        if not fits:
+            raise KernelError("EPERM", f"the request for {kind} {sorted(rights)} lies outside this process's "
+                                       "requestable ceiling" if proc.requestable else
+                                       "no requestable ceiling was set for this process (nothing to ask for)")
+
+        def grant(seq: int) -> Any:
+            rec = self.caps.create(holder=proc.pid, kind=kind, scope=scope, rights=sorted(rights),
+                                   approval="never", via="cap.request")
+            self._log_cap(rec, None, seq)
+            return {"handle": rec.handle}
+
+        reason = args.get("reason")
+        out = Outcome.allow(None, apply=grant, detail={
+            "request": {"kind": kind, "scope": scope, "rights": sorted(rights)},
+            **({"reason_from_process": str(reason)[:500]} if reason else {})})
+        out.must_approve = True
+        return out
 
     def _log_cap(self, rec: CapRecord, author: int | None, cause: int | None = None) -> None:
         rec.created_seq = self._stage("cap.create", rec.log_body(), pid=author or None, cause=cause)
@@ -1778,6 +1836,9 @@ class Kernel(pykka.ThreadingActor):
             return
         proc.status = status
         proc.result = result
+        if proc.deadline_timer is not None:
+            proc.deadline_timer.cancel()
+            proc.deadline_timer = None
         self._set_state(proc, state, status=status)
         self.budgets.release(proc.pid)
         self.caps.release_process(proc.pid)
@@ -1809,7 +1870,7 @@ class Kernel(pykka.ThreadingActor):
             for key in self._receivers.pop(qkey):
                 self._resume(key, error=KernelError("EPERM", f"process {proc.pid} has ended"))
 
-    def _kill(self, proc: Proc) -> list[int]:
+    def _kill(self, proc: Proc, status: str = "killed") -> list[int]:
         killed = []
         stack = [proc.pid]
         while stack:
@@ -1817,7 +1878,7 @@ class Kernel(pykka.ThreadingActor):
             stack.extend(c for c in p.children if self.procs[c].state in LIVE)
             if p.state in LIVE:
                 self._command(Command("stop", p.pid))
-                self._exit(p, "killed", None, state="killed")
+                self._exit(p, status if p is proc else "killed", None, state="killed")
                 killed.append(p.pid)
         return killed
 
@@ -1877,7 +1938,14 @@ class Kernel(pykka.ThreadingActor):
                 raise KernelError("EINVAL", f"bad grant {g!r}: needs kind, scope, rights")
             validate_scope(g["kind"], g.get("scope", {}))
             validate_rights(g["kind"], g.get("rights", []))
+        ceiling = []
+        for g in args.get("requestable") or []:
+            if not isinstance(g, dict) or g.get("kind") not in self.kinds:
+                raise KernelError("EINVAL", f"bad requestable entry {g!r}: needs kind, scope, rights")
+            ceiling.append({"kind": g["kind"], "scope": validate_scope(g["kind"], g.get("scope", {})),
+                            "rights": sorted(validate_rights(g["kind"], g.get("rights", [])))})
         proc = self._create_process(image, None, model, budget, bool(args.get("daemon")), args.get("input"), now)
+        proc.requestable = ceiling
         for g in grants:
             self._grant(proc.pid, g, now, seq)
         if args.get("external"):
@@ -1956,6 +2024,66 @@ class Kernel(pykka.ThreadingActor):
             if caller is not None:
                 self._request(held_conn, caller, held_req)
         return {"pid": proc.pid, "state": proc.state, "released": len(held)}
+
+    def _op_interrupt(self, conn: bytes, req: Request, args: dict[str, Any], seq: int) -> Any:
+        """Interrupt a process's current turn: what it waits on now (an approval, a message, a
+        child) ends with EINTR, or else its next syscall does; the process then waits for input."""
+        proc = self.procs.get(args["pid"])
+        if proc is None or proc.state not in LIVE:
+            raise KernelError("ENOENT", f"no live process {args['pid']}")
+        err = KernelError("EINTR", "the operator interrupted this turn")
+        ended = 0
+        for aid in [a.id for a in self.approvals.values() if a.pid == proc.pid]:
+            ap = self.approvals.pop(aid)
+            if ap.timer is not None:
+                ap.timer.cancel()
+            self._stage("approval.decide", {"id": aid, "decision": "deny", "author": "operator",
+                                            "reason": "interrupted"}, pid=proc.pid, cause=seq)
+            self._event(Topic.approval(), {"id": aid, "event": "deny", "pid": proc.pid, "author": "operator"})
+            self._finish(ap.conn, ap.rid, ap.pid, ap.sys, ap.decision_seq, None, err)
+            ended += 1
+        for key in [k for k, p in self._parked.items() if p.pid == proc.pid]:
+            ended += self._resume(key, error=err)
+        if proc.state == "blocked":
+            self._set_state(proc, "running")
+        proc.interrupt = ended == 0
+        return {"pid": proc.pid, "interrupted": ended}
+
+    def _op_deadline(self, conn: bytes, req: Request, args: dict[str, Any], seq: int) -> Any:
+        """Set (in_s seconds from now) or clear (no in_s) a process's deadline; at the deadline the
+        kernel kills it and its subtree with status `deadline`."""
+        proc = self.procs.get(args["pid"])
+        if proc is None or proc.state not in LIVE:
+            raise KernelError("ENOENT", f"no live process {args['pid']}")
+        in_s = args.get("in_s")
+        if in_s is not None and (isinstance(in_s, bool) or not isinstance(in_s, (int, float)) or in_s < 0):
+            raise KernelError("EINVAL", "in_s must be a number of seconds >= 0")
+        if proc.deadline_timer is not None:
+            proc.deadline_timer.cancel()
+            proc.deadline_timer = None
+        proc.deadline = None if in_s is None else self.clock() + float(in_s)
+        if in_s is not None:
+            timer = threading.Timer(float(in_s), self._fire_deadline, (proc.pid,))
+            timer.daemon = True
+            proc.deadline_timer = timer
+            timer.start()
+        return {"pid": proc.pid, "deadline": proc.deadline}
+
+    def _fire_deadline(self, pid: int) -> None:
+        proc = self.procs.get(pid)
+        token = id(proc.deadline_timer) if proc is not None and proc.deadline_timer is not None else 0
+        try:
+            self.actor_ref.tell(DeadlineFired(pid, token))
+        except pykka.ActorDeadError:
+            pass
+
+    def _deadline(self, proc: Proc) -> None:
+        proc.deadline_timer = None
+        if proc.state not in LIVE:
+            return
+        seq = self._stage("proc.deadline", {"pid": proc.pid}, pid=proc.pid)
+        self._event(Topic.proc(proc.pid), {"event": "deadline", "pid": proc.pid, "seq": seq})
+        self._kill(proc, status="deadline")
 
     def _op_send(self, conn: bytes, req: Request, args: dict[str, Any], seq: int) -> Any:
         proc = self.procs.get(args["pid"])

@@ -229,6 +229,9 @@ def replay(entries: Iterable[LogEntry], payload_of: Any, config: KernelConfig) -
             # A provider's own report (an MCP description changed): an outside stimulus.
             k._stage(e.kind, dict(body), pid=e.pid)
             return True
+        if e.kind == "proc.deadline" and e.pid in k.procs:  # the operator's deadline timer fired
+            k._deadline(k.procs[e.pid])
+            return True
         if e.kind == "approval.decide" and body.get("author") == "timeout" and body.get("id") in k.approvals:
             k._decide_approval(body["id"], False, author="timeout", reason=body.get("reason", ""))
             return True

@@ -106,6 +106,8 @@ SYSCALLS: dict[str, SyscallSpec] = {
              "pass a narrowed copy to another process (needs the grant right)"),
         _row("cap.revoke", "handle:str", None, "", _S, "cap", "revoke a cap and everything derived from it"),
         _row("cap.drop", "handle:str", None, "", _S, "cap", "close the caller's own handle"),
+        _row("cap.request", "kind:str scope:map rights:list reason:str?", None, "", _S, "cap",
+             "ask a human for a new capability inside the requestable ceiling the operator set -> {handle}"),
         _row("budget.get", "", None, "", _S, "budget", "the caller's budget per dimension"),
         _row("proc.self", "", None, "", _S, "proc", "-> {pid, ppid, image, state}"),
         _row("proc.exit", "status:str? result:any?", None, "", "", "proc",
@@ -149,9 +151,11 @@ SYSCALLS: dict[str, SyscallSpec] = {
         _row("op.image.register", "name:str prompt:str? tools:list? skills:list? jit_tools:map? model:str? budget:map? "
              "meta:map?", None, "", "",
              "op", "register or replace an AgentImage", "operator"),
-        _row("op.spawn", "image:str caps:list? budget:map? input:any? model:str? daemon:bool? external:bool?", None,
-             "", "", "op", "start a root process with operator grants -> {pid} (external: no host runs it; the "
-             "reply carries the token an outside client says hello with)", "operator"),
+        _row("op.spawn", "image:str caps:list? budget:map? input:any? model:str? daemon:bool? external:bool? "
+             "requestable:list?", None, "", "", "op",
+             "start a root process with operator grants -> {pid} (external: no host runs it; the reply carries the "
+             "token an outside client says hello with; requestable: the ceiling of what cap.request may ask for)",
+             "operator"),
         _row("op.grant", "pid:int kind:str scope:map rights:list approval:str? expires_in_s:num? uses:int? name:str?",
              None, "", "", "op", "grant a capability to a process -> {handle, cap}", "operator"),
         _row("op.revoke", "pid:int? handle:str? cap:int?", None, "", "", "op",
@@ -164,7 +168,12 @@ SYSCALLS: dict[str, SyscallSpec] = {
         _row("op.suspend", "pid:int", None, "", "", "op",
              "suspend a process: its requests wait, undecided, until it is resumed", "operator"),
         _row("op.resume", "pid:int", None, "", "", "op", "resume a suspended process", "operator"),
-        _row("op.send", "pid:int input:any", None, "", "", "op", "deliver an input message to a process", "operator"),
+        _row("op.send", "pid:int input:any", None, "", "", "op",
+             "deliver an input message to a process (a follow-up after an interrupt)", "operator"),
+        _row("op.interrupt", "pid:int", None, "", "", "op",
+             "interrupt a process's current turn: its waiting or next syscall gets EINTR -> {interrupted}", "operator"),
+        _row("op.deadline", "pid:int in_s:num?", None, "", "", "op",
+             "kill a process and its subtree in_s seconds from now (no in_s: clear) -> {deadline}", "operator"),
         _row("op.wait", "pid:int timeout_s:num?", None, "", "", "op", "wait for a process to exit -> {status, result}",
              "operator"),
         _row("op.ps", "", None, "", "", "op", "every process with state and image", "operator"),
@@ -189,7 +198,7 @@ SYSCALLS: dict[str, SyscallSpec] = {
 NOT_YET: frozenset[str] = frozenset(
     {
         "rpc.call",
-        "mcp.list_tools", "mcp.call", "pty.open", "pty.write", "pty.read", "pty.close", "cap.request",
+        "mcp.list_tools", "mcp.call", "pty.open", "pty.write", "pty.read", "pty.close",
     }
 )
 

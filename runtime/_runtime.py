@@ -159,7 +159,10 @@ class Runtime:
             os.close(self._lock_fd)
             raise BusError(f"the kernel did not start: {why}")
         self._write_connection_file()
-        self.host = ProcessHost(self.context, self.inproc_endpoint, self.config.host_token, observer=self._observer)
+        # The `jit-sandbox` ablation (benchmark only) runs JIT tools without their sandbox.
+        jit_options = {"sandbox": False} if "jit-sandbox" in self.config.ablate else None
+        self.host = ProcessHost(self.context, self.inproc_endpoint, self.config.host_token, observer=self._observer,
+                                jit_options=jit_options)
         self.host.start()
         self._started = True
         return self
@@ -224,8 +227,13 @@ class Runtime:
         return str(self.operator.call("op.image.register", args)["digest"])
 
     def spawn(self, image: str, *, caps: Iterable[Grant | Mapping[str, Any]] = (), budget: Mapping[str, float] | None = None,
-              input: Any = None, model: str | None = None, daemon: bool = False) -> int:
+              input: Any = None, model: str | None = None, daemon: bool = False,
+              requestable: Iterable[Grant | Mapping[str, Any]] = ()) -> int:
+        """Start a process with exactly `caps`; `requestable` is the ceiling of what it may ask a
+        human for with cap.request (nothing by default)."""
         args: dict[str, Any] = {"image": image, "caps": [_grant_wire(g) for g in caps], "daemon": daemon}
+        if requestable:
+            args["requestable"] = [_grant_wire(g) for g in requestable]
         if budget is not None:
             args["budget"] = dict(budget)
         if input is not None:
@@ -235,10 +243,13 @@ class Runtime:
         return int(self.operator.call("op.spawn", args)["pid"])
 
     def spawn_external(self, image: str, *, caps: Iterable[Grant | Mapping[str, Any]] = (),
-                       budget: Mapping[str, float] | None = None) -> tuple[int, str]:
+                       budget: Mapping[str, float] | None = None,
+                       requestable: Iterable[Grant | Mapping[str, Any]] = ()) -> tuple[int, str]:
         """A process that no host runs: returns (pid, token) for a client that says hello with the
         token (`client(token)`, or any ZeroMQ client speaking docs/protocol.md)."""
         args: dict[str, Any] = {"image": image, "caps": [_grant_wire(g) for g in caps], "external": True}
+        if requestable:
+            args["requestable"] = [_grant_wire(g) for g in requestable]
         if budget is not None:
             args["budget"] = dict(budget)
         v = self.operator.call("op.spawn", args)
@@ -269,6 +280,19 @@ class Runtime:
 
     def resume(self, pid: int) -> None:
         self.operator.call("op.resume", {"pid": pid})
+
+    def interrupt(self, pid: int) -> int:
+        """Stop a process's current turn (what it waits on, or its next syscall, gets EINTR); it
+        then waits for a follow-up `send`. Returns how many waiting requests were ended now."""
+        return int(self.operator.call("op.interrupt", {"pid": pid})["interrupted"])
+
+    def deadline(self, pid: int, in_s: float | None) -> float | None:
+        """Kill the process and its subtree `in_s` seconds from now (None: clear the deadline)."""
+        args: dict[str, Any] = {"pid": pid}
+        if in_s is not None:
+            args["in_s"] = in_s
+        v = self.operator.call("op.deadline", args)["deadline"]
+        return None if v is None else float(v)
 
     def ps(self) -> list[dict[str, Any]]:
         return list(self.operator.call("op.ps")["processes"])

@@ -18,7 +18,7 @@ from agentlibos.actors._llm import (
     OpenAIChatModel,
     ReplayModel,
 )
-from agentlibos.kernel._observe import call_record, estimate_cost, redact
+from agentlibos.bus._observe import call_record, estimate_cost, redact
 from agentlibos.bus import KernelError, NondeterminismError, Topic
 from agentlibos.kernel._models import CompletionRequest
 from agentlibos.runtime import Grant, Runtime

@@ -1,0 +1,159 @@
+"""Operator control of running agents and permission requests: cap.request inside a requestable
+ceiling, interrupt (EINTR) with a follow-up, deadlines; each logged and replayable."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agentlibos.bus import EventStream, KernelError, Topic
+from agentlibos.kernel._replay import replay_log
+from agentlibos.runtime import Grant, Runtime
+from agentlibos.storage import SQLiteLog
+
+
+@contextmanager
+def runtime(tmp_path: Path) -> Iterator[Runtime]:
+    world = tmp_path / "world"
+    (world / "docs").mkdir(parents=True, exist_ok=True)
+    (world / "docs" / "a.txt").write_text("alpha")
+    (world / "secret.txt").write_text("secret")
+    with Runtime(tmp_path / "state", world_root=world, ipc=False) as rt:
+        rt.register_image("x")
+        yield rt
+
+
+def in_thread(rt: Runtime, token: str, sys: str, args: dict[str, Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    box: dict[str, Any] = {}
+
+    def go() -> None:
+        with rt.client(token) as c:  # a client is confined to the thread that made it
+            try:
+                box["value"] = c.call(sys, args)
+            except KernelError as exc:
+                box["error"] = exc
+
+    t = threading.Thread(target=go)
+    t.start()
+    return t, box
+
+
+def next_asked(events: EventStream, pid: int) -> dict[str, Any]:
+    while True:
+        ev = events.next_event(timeout_s=30)
+        assert ev is not None, "no approval was asked"
+        if ev[1].get("event") == "asked" and ev[1].get("pid") == pid:
+            return ev[1]
+
+
+def code_of(fn: Callable[[], Any]) -> str:
+    with pytest.raises(KernelError) as ei:
+        fn()
+    return ei.value.code
+
+
+READ_DOCS = Grant("fs", {"root": "docs"}, ["read"])
+
+
+def test_cap_request_needs_a_ceiling_and_a_human(tmp_path: Path) -> None:
+    with runtime(tmp_path) as rt:
+        pid0, token0 = rt.spawn_external("x")
+        with rt.client(token0) as c:  # no ceiling: EPERM, nobody is asked
+            assert code_of(lambda: c.call("cap.request", {"kind": "fs", "scope": {"root": "docs"},
+                                                          "rights": ["read"]})) == "EPERM"
+        assert rt.operator.call("op.approvals")["approvals"] == []
+
+        pid, token = rt.spawn_external("x", requestable=[READ_DOCS])
+        with rt.client(token) as c:
+            # Outside the ceiling (a right it does not list, a wider root): EPERM without asking.
+            assert code_of(lambda: c.call("cap.request", {"kind": "fs", "scope": {"root": "docs"},
+                                                          "rights": ["write"]})) == "EPERM"
+            assert code_of(lambda: c.call("cap.request", {"kind": "fs", "scope": {"root": "."},
+                                                          "rights": ["read"]})) == "EPERM"
+            assert code_of(lambda: c.call("cap.request", {"kind": "nope", "scope": {}, "rights": ["x"]})) == "EINVAL"
+            assert code_of(lambda: c.call("fs.read", {"path": "docs/a.txt"})) == "EPERM"
+        with rt.events(Topic.approval()) as events:
+            args = {"kind": "fs", "scope": {"root": "docs", "paths": ["a.txt"]}, "rights": ["read"],
+                    "reason": "I need it \x1b[31mnow"}
+            t, box = in_thread(rt, token, "cap.request", args)
+            asked = next_asked(events, pid)
+            shown = asked["rendering"]
+            assert shown["request"] == {"kind": "fs", "scope": {"root": "docs", "paths": ["a.txt"]}, "rights": ["read"]}
+            assert "\x1b" not in shown["reason_from_process"]
+            rt.operator.call("op.approve", {"id": asked["id"], "author": "alice"})
+            t.join(30)
+        handle = box["value"]["handle"]
+        with rt.client(token) as c:
+            assert c.call("fs.read", {"path": "docs/a.txt"}, cap=handle)["text"] == "alpha"
+            assert code_of(lambda: c.call("fs.read", {"path": "secret.txt"})) == "EPERM"
+        (cap,) = [r for r in rt.caps(pid) if r["handle"] == handle]
+        assert cap["via"] == "cap.request" and cap["approval"] == "never"
+
+        # A human may say no.
+        with rt.events(Topic.approval()) as events:
+            t, box = in_thread(rt, token, "cap.request", {"kind": "fs", "scope": {"root": "docs"}, "rights": ["read"]})
+            asked = next_asked(events, pid)
+            rt.operator.call("op.deny", {"id": asked["id"], "reason": "not today"})
+            t.join(30)
+        assert box["error"].code == "EDENIED"
+    log = SQLiteLog.open_readonly(tmp_path / "state" / "log.db")
+    try:
+        decided = [(e.body["decision"], e.body["author"]) for e in log.entries(kinds=["approval.decide"])]
+    finally:
+        log.close()
+    assert decided == [("approve", "alice"), ("deny", "operator")]
+    report = replay_log(tmp_path / "state" / "log.db", state_dir=tmp_path / "replay")
+    assert report.state_hash == report.recorded_hash
+
+
+def test_interrupt_ends_what_the_process_waits_on_or_its_next_call(tmp_path: Path) -> None:
+    with runtime(tmp_path) as rt:
+        gated = Grant("fs", {"root": "docs"}, ["read"], approval="always")
+        pid, token = rt.spawn_external("x", caps=[gated])
+        with rt.events(Topic.approval()) as events:
+            t, box = in_thread(rt, token, "fs.read", {"path": "docs/a.txt"})
+            next_asked(events, pid)
+            assert rt.interrupt(pid) == 1
+            t.join(30)
+        assert box["error"].code == "EINTR"
+        assert rt.operator.call("op.approvals")["approvals"] == []
+        # Nothing waiting: the next syscall gets EINTR, the one after runs; proc.exit is never interrupted.
+        assert rt.interrupt(pid) == 0
+        with rt.client(token) as c:
+            assert code_of(lambda: c.call("budget.get", {})) == "EINTR"
+            assert "syscalls" in c.call("budget.get", {})
+            assert rt.interrupt(pid) == 0
+            c.call("proc.exit", {"status": "ok"})
+        assert rt.wait(pid, timeout_s=30).status == "ok"
+        assert code_of(lambda: rt.interrupt(pid)) == "ENOENT"
+    report = replay_log(tmp_path / "state" / "log.db", state_dir=tmp_path / "replay")
+    assert report.state_hash == report.recorded_hash
+
+
+def test_a_deadline_kills_the_process(tmp_path: Path) -> None:
+    with runtime(tmp_path) as rt:
+        pid, _token = rt.spawn_external("x")
+        assert rt.deadline(pid, None) is None
+        assert code_of(lambda: rt.deadline(pid, -1)) == "EINVAL"
+        with rt.events(Topic.proc(pid)) as events:
+            assert rt.deadline(pid, 0.05) is not None
+            ex = rt.wait(pid, timeout_s=30)
+            seen = []
+            while (ev := events.next_event(timeout_s=5)) is not None:
+                seen.append(ev[1].get("event"))
+                if "deadline" in seen:
+                    break
+        assert ex.status == "deadline"
+        assert "deadline" in seen
+    log = SQLiteLog.open_readonly(tmp_path / "state" / "log.db")
+    try:
+        assert [e.pid for e in log.entries(kinds=["proc.deadline"])] == [pid]
+    finally:
+        log.close()
+    report = replay_log(tmp_path / "state" / "log.db", state_dir=tmp_path / "replay")
+    assert report.state_hash == report.recorded_hash
