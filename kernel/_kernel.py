@@ -291,7 +291,8 @@ class Kernel(pykka.ThreadingActor):
                 prov.attach(functools.partial(self._notice, prov.kind))
         self.bound = True
         self._recover()
-        start: dict[str, Any] = {"pid": os.getpid(), "world_root": str(self.config.world_root)}
+        start: dict[str, Any] = {"pid": os.getpid(), "world_root": str(self.config.world_root),
+                                 "llm_observe": self.config.llm_observe}
         if self.config.modules:
             start["modules"] = list(self.config.modules)
         self._stage("kernel.start", start)
@@ -347,8 +348,18 @@ class Kernel(pykka.ThreadingActor):
         for row in self.log_projection("processes"):
             pid = int(row["pid"])
             max_pid = max(max_pid, pid)
-            if row.get("state") in LIVE and pid not in attention:
+            state, status = str(row.get("state")), row.get("status")
+            if state in LIVE and pid not in attention:
                 self._stage("proc.state", {"pid": pid, "state": "exited", "status": "interrupted"})
+                state, status = "exited", "interrupted"
+            if pid not in attention:  # the earlier session's processes stay visible (ps, wait), ended
+                ppid = row.get("ppid")
+                self.procs[pid] = Proc(pid=pid, ppid=ppid if isinstance(ppid, int) else None,
+                                       image=str(row.get("image") or ""), model="", token="", daemon=False,
+                                       state=state, status=str(status) if status is not None else None)
+        for proc in list(self.procs.values()):
+            if proc.ppid is not None and proc.ppid in self.procs:
+                self.procs[proc.ppid].children.add(proc.pid)
         for pid in sorted(attention):
             self._stage("proc.state", {"pid": pid, "state": "needs_attention", "status": "unknown effect"}, pid=pid)
             self.procs[pid] = Proc(pid=pid, ppid=None, image="", model="", token="", daemon=False,
@@ -371,16 +382,50 @@ class Kernel(pykka.ThreadingActor):
                     self.images[image["name"]] = image
         except Exception:
             log.exception("kernel: could not recover images from the log")
+        self._recover_approvals()
         max_cap = 0
         for row in self.log_projection("capabilities"):
             max_cap = max(max_cap, int(row["cap"]))
         self.caps._next_id = max_cap + 1
 
-    def _unknown_effects(self) -> dict[int, tuple[int, str]]:
-        """Decisions that allowed an outside effect and have no result: crashed mid-effect."""
-        open_: dict[int, tuple[int, str]] = {}
+    def _recover_approvals(self) -> None:
+        """Approvals still pending when the earlier session ended stay in the queue: an operator
+        sees what was asked and closes it, and the decision is logged. Their requester did not
+        survive the restart, so an approval runs nothing; a timeout still denies."""
+        asked: dict[int, Any] = {}
         try:
-            for e in self.log.entries(kinds=["sys", "result", "effect.resolved"]):
+            for e in self.log.entries(kinds=["approval.ask", "approval.decide"]):
+                aid = e.body.get("id")
+                if not isinstance(aid, int):
+                    continue
+                self._approval_ids = max(self._approval_ids, aid)
+                if e.kind == "approval.ask":
+                    asked[aid] = e
+                else:
+                    asked.pop(aid, None)
+            for aid, e in sorted(asked.items()):
+                present, rendering = self.log.payload(e.seq)
+                ap = Approval(aid, int(e.pid or 0), str(e.body.get("sys", "")), str(e.body.get("kind", "effect")),
+                              rendering if present and isinstance(rendering, dict) else {}, e.ts, b"", 0,
+                              int(e.cause or e.seq), None, None)
+                ap.rendering = {**ap.rendering, "note": "asked before the kernel restarted; the requester was "
+                                                        "interrupted, so approving runs nothing"}
+                self.approvals[aid] = ap
+                left = max(0.0, e.ts + self.config.approval_timeout_s - time.time())
+                ap.timer = threading.Timer(left, self._fire_approval, (aid,))
+                ap.timer.daemon = True
+                ap.timer.start()
+        except Exception:
+            log.exception("kernel: could not recover pending approvals from the log")
+
+    def _unknown_effects(self) -> dict[int, tuple[int, str]]:
+        """Decisions that allowed an outside effect and have no result: crashed mid-effect. A
+        decision still waiting for a human (asked, never approved) ran nothing: not unknown."""
+        open_: dict[int, tuple[int, str]] = {}
+        gate: dict[int, int] = {}  # approval id -> the decision it gates
+        approved: set[int] = set()
+        try:
+            for e in self.log.entries(kinds=["sys", "result", "effect.resolved", "approval.ask", "approval.decide"]):
                 b = e.body
                 if e.kind == "sys" and b.get("decision") == "allow" and b.get("ok") is not True \
                         and str(b.get("sys", "")).startswith(EFFECTFUL) and e.pid is not None:
@@ -389,6 +434,13 @@ class Kernel(pykka.ThreadingActor):
                     open_.pop(e.cause, None)
                 elif e.kind == "effect.resolved":
                     open_.pop(int(b.get("decision", 0)), None)
+                elif e.kind == "approval.ask" and e.cause is not None:
+                    gate[int(b.get("id", 0))] = e.cause
+                elif e.kind == "approval.decide" and b.get("decision") == "approve":
+                    approved.add(int(b.get("id", 0)))
+            for aid, decision in gate.items():
+                if aid not in approved:
+                    open_.pop(decision, None)
         except Exception:
             log.exception("kernel: could not scan the log for unknown effects")
         return open_
@@ -771,6 +823,8 @@ class Kernel(pykka.ThreadingActor):
         self._event(Topic.approval(), {"id": aid, "event": body["decision"], "pid": ap.pid, "author": author})
         if proc is not None and proc.state == "blocked":
             self._set_state(proc, "running")
+        if not ap.conn:
+            return {"id": aid, "decision": body["decision"], "note": "asked before a restart: nothing runs"}
         if proc is None or proc.state not in LIVE:
             return {"id": aid, "decision": body["decision"], "note": "the process has ended"}
         spec = self.syscalls[ap.sys]

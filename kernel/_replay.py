@@ -165,9 +165,11 @@ def replay(entries: Iterable[LogEntry], payload_of: Any, config: KernelConfig) -
     first = next(entries, None)
     if first is not None:
         # The Runtime Modules the run's kernel loaded bring syscall rows the replay needs too.
-        modules = first.body.get("modules") if first.kind == "kernel.start" else None
-        if modules:
-            config = replace(config, modules=tuple(modules))
+        start = first.body if first.kind == "kernel.start" else {}
+        if start.get("modules"):
+            config = replace(config, modules=tuple(start["modules"]))
+        # The level of LLM-call records the run kept (a log from before they existed kept none).
+        config = replace(config, llm_observe=str(start.get("llm_observe", "off")))
         entries = itertools.chain([first], entries)
     k = _ReplayKernel(config)
     memory_log = k.log

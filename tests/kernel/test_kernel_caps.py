@@ -279,7 +279,7 @@ def test_unknown_syscall_is_enosys(world: World) -> None:
     p = world.spawn()
     assert p.code("fs.chmod", {"path": "x"}) == "ENOSYS"
     assert p.code("op.spawn", {"image": "x"}) == "ENOSYS"  # operator requests are not syscalls
-    assert p.code("cap.request", {}) == "ENOSYS"  # in the ABI, not in this kernel yet
+    assert p.code("cap.request", {}) == "EINVAL"  # served now: its arguments are checked
 
 
 @pytest.mark.parametrize(

@@ -157,3 +157,38 @@ def test_a_deadline_kills_the_process(tmp_path: Path) -> None:
         log.close()
     report = replay_log(tmp_path / "state" / "log.db", state_dir=tmp_path / "replay")
     assert report.state_hash == report.recorded_hash
+
+
+def test_pending_approvals_survive_a_restart(tmp_path: Path) -> None:
+    from agentlibos.bus import BusError
+
+    with runtime(tmp_path) as rt:
+        pid, token = rt.spawn_external("x", caps=[Grant("fs", {"root": "docs"}, ["read"], approval="always")])
+        with rt.events(Topic.approval()) as events, rt.client(token) as c:
+            with pytest.raises(BusError):  # sent; the answer waits for a human
+                c.request("fs.read", {"path": "docs/a.txt"}, timeout_s=0.001)
+            asked = next_asked(events, pid)
+    with Runtime(tmp_path / "state", world_root=tmp_path / "world", ipc=False) as rt:
+        (pending,) = rt.operator.call("op.approvals")["approvals"]
+        assert (pending["id"], pending["pid"], pending["sys"]) == (asked["id"], pid, "fs.read")
+        assert pending["rendering"]["path"] == asked["rendering"]["path"]
+        assert "restarted" in pending["rendering"]["note"]
+        assert [p["status"] for p in rt.ps() if p["pid"] == pid] == ["interrupted"]
+        out = rt.operator.call("op.approve", {"id": asked["id"], "author": "bob"})
+        assert "nothing runs" in out["note"]
+        assert rt.operator.call("op.approvals")["approvals"] == []
+        # Ids go on from where the earlier session stopped.
+        pid2, token2 = rt.spawn_external("x", caps=[Grant("fs", {"root": "docs"}, ["read"], approval="always")])
+        with rt.events(Topic.approval()) as events:
+            t, box = in_thread(rt, token2, "fs.read", {"path": "docs/a.txt"})
+            again = next_asked(events, pid2)
+            rt.operator.call("op.approve", {"id": again["id"]})
+            t.join(30)
+        assert again["id"] > asked["id"] and pid2 > pid
+        assert box["value"]["text"] == "alpha"
+    log = SQLiteLog.open_readonly(tmp_path / "state" / "log.db")
+    try:
+        assert [(e.body["id"], e.body["author"]) for e in log.entries(kinds=["approval.decide"])] == [
+            (asked["id"], "bob"), (again["id"], "operator")]
+    finally:
+        log.close()
