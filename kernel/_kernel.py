@@ -383,9 +383,28 @@ class Kernel(pykka.ThreadingActor):
         except Exception:
             log.exception("kernel: could not recover images from the log")
         self._recover_approvals()
+        # Capabilities: every record comes back for derivation chains, explain and revocation;
+        # their holders ended with the earlier session, so none is held by anyone.
         max_cap = 0
         for row in self.log_projection("capabilities"):
-            max_cap = max(max_cap, int(row["cap"]))
+            cid = int(row["cap"])
+            max_cap = max(max_cap, cid)
+            try:
+                rec = CapRecord(id=cid, holder=int(row["holder"]), handle=str(row["handle"]), kind=str(row["kind"]),
+                                scope=json.loads(row["scope"]) if row.get("scope") else {},
+                                rights=frozenset(json.loads(row["rights"]) if row.get("rights") else ()),
+                                approval=str(row.get("approval") or "never"), expires=row.get("expires"),
+                                uses=row.get("uses"), parent=row.get("parent"), via=str(row.get("via") or "operator"),
+                                created_seq=int(row.get("created_seq") or 0), revoked=bool(row.get("revoked")),
+                                dropped=True)
+            except (TypeError, ValueError):
+                log.exception("kernel: capability %s in the projection is unreadable; left out", cid)
+                continue
+            self.caps.records[cid] = rec
+        for rec in self.caps.records.values():
+            parent = self.caps.records.get(rec.parent) if rec.parent is not None else None
+            if parent is not None and rec.id not in parent.children:
+                parent.children.append(rec.id)
         self.caps._next_id = max_cap + 1
 
     def _recover_approvals(self) -> None:

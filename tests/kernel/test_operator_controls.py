@@ -174,6 +174,10 @@ def test_pending_approvals_survive_a_restart(tmp_path: Path) -> None:
         assert pending["rendering"]["path"] == asked["rendering"]["path"]
         assert "restarted" in pending["rendering"]["note"]
         assert [p["status"] for p in rt.ps() if p["pid"] == pid] == ["interrupted"]
+        assert rt.wait(pid, timeout_s=5).status == "interrupted"
+        (old_cap,) = [c for c in rt.caps(pid) if c["kind"] == "fs"]  # the record is back (for explain and revocation), held by nobody
+        assert (old_cap["kind"], old_cap["approval"], old_cap["revoked"], old_cap["dropped"]) == (
+            "fs", "always", False, True)
         out = rt.operator.call("op.approve", {"id": asked["id"], "author": "bob"})
         assert "nothing runs" in out["note"]
         assert rt.operator.call("op.approvals")["approvals"] == []
