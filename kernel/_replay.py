@@ -135,6 +135,12 @@ class _ReplayKernel(Kernel):
                 out.must_approve = True
         return out
 
+    def _reply(self, conn: bytes, reply: Any) -> None:
+        pass  # nobody is waiting: the run's callers had their answers
+
+    def _event(self, topic: Any, body: dict[str, Any]) -> None:
+        pass  # events are not part of the log
+
     def _release(self, out: Outputs) -> None:
         # Effects are never run again: their recorded results are fed back as stimuli.
         for ticket, _fn, _conn, _rid in out.effects:
@@ -154,8 +160,8 @@ class ReplayReport:
 
 
 def _comparable(kind: str, body: dict[str, Any]) -> dict[str, Any]:
-    drop = VOLATILE.get(kind, set())
-    return {k: v for k, v in body.items() if k not in drop}
+    drop = VOLATILE.get(kind)
+    return body if drop is None else {k: v for k, v in body.items() if k not in drop}
 
 
 def replay(entries: Iterable[LogEntry], payload_of: Any, config: KernelConfig) -> ReplayReport:
@@ -311,11 +317,21 @@ def replay_log(path: str | Path, *, state_dir: str | Path | None = None) -> Repl
     p = Path(path)
     with SQLiteLog.open_readonly(p) as log:
         cfg = KernelConfig.load(state_dir or p.parent)
-        return replay(_iter(log), log.payload, cfg)
+        blobs: dict[int, tuple[LogEntry, bytes | None]] = {}
 
+        def entries() -> Iterator[LogEntry]:
+            # One pass over the log; each payload is kept until the replay asks for it.
+            for e, blob in log.entries_with_payloads():
+                blobs[e.seq] = (e, blob)
+                yield e
 
-def _iter(log: SQLiteLog) -> Iterator[LogEntry]:
-    yield from log.entries()
+        def payload_of(seq: int) -> tuple[bool, Any]:
+            hit = blobs.pop(seq, None)
+            if hit is None:
+                return log.payload(seq)
+            return SQLiteLog.decode_payload(*hit)
+
+        return replay(entries(), payload_of, cfg)
 
 
 __all__ = ["ReplayReport", "replay", "replay_log", "digest"]
