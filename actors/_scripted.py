@@ -63,6 +63,14 @@ class ScriptedModel:
         with self._lock:
             self._assigned[pid] = script
 
+    def explicit_refused(self, pid: int) -> None:
+        """An explicit llm_complete step was refused before it reached the model: the next
+        completion for `pid` is its own turn again."""
+        with self._lock:
+            cur = self._cursors.get(pid)
+            if cur is not None:
+                cur.explicit_call_pending = False
+
     def position(self, pid: int) -> tuple[str | None, int] | None:
         with self._lock:
             c = self._cursors.get(pid)

@@ -219,6 +219,7 @@ class _Wrapper:
         self.judge = Judge(scenario, world)
         self.model = ScriptedModel(scenario.scripts(), on_step=self.judge.on_step, on_operator=self._operator,
                                    substitute=self.judge.substitute)
+        self.judge.scripted = self.model
         self.procs: dict[int, _Proc] = {}
         self.memory: dict[str, dict[str, Any]] = {}
         self.cv = threading.Condition()

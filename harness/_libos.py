@@ -151,14 +151,15 @@ class Judge:
         self.leaks: list[str] = []
         self.errors: list[str] = []
         self.killed: set[int] = set()
-        self.fork_scripts: dict[int, str | None] = {}
         self.assigned: dict[int, str | None] = {}  # forked pid -> the script it plays (None: none)
+        self.scripted: ScriptedModel | None = None
         self.rt: Runtime | None = None
         self.human: ScriptedHuman | None = None
         self.root_pid: int | None = None
         self.grant_ids: dict[str, int] = {}
         self._open: dict[tuple[int, int], _Open] = {}
         self._lock = threading.Lock()
+        self._forked = threading.Condition(self._lock)
         self._step_lock = threading.Lock()
         self._done = 0
 
@@ -181,9 +182,6 @@ class Judge:
 
     # hooks ------------------------------------------------------------------------------------
     def on_step(self, pid: int, script: str, idx: int, step: Mapping[str, Any]) -> None:
-        if step.get("tool") == "ckpt_fork":
-            with self._lock:
-                self.fork_scripts[pid] = step.get("script")
         locked = step.get("tool") not in BLOCKING_TOOLS
         if locked:
             self._step_lock.acquire(timeout=RUN_TIMEOUT_S)
@@ -200,8 +198,14 @@ class Judge:
         idx = int(m.group(2))
         with self._lock:
             op = self._open.pop((pid, idx), None)
+            if op is not None and op.step.get("tool") == "ckpt_fork" and reply.ok and isinstance(reply.value, dict):
+                # The fork plays the script this step named: known once the step has its reply.
+                self.assigned[reply.value.get("pid")] = op.step.get("script")
+                self._forked.notify_all()
         if op is None:
             return
+        if op.step.get("tool") == "llm_complete" and not reply.ok and self.scripted is not None:
+            self.scripted.explicit_refused(pid)
         if pid in self.killed or self._was_killed(pid):
             # A step of a killed process is not judged (SCENARIOS.md, edge rules).
             with self._lock:
@@ -247,11 +251,13 @@ class Judge:
         except Exception:
             return image
         if origin == "fork":
-            # The forker is inside its ckpt_fork step right now: that step names the script.
-            with self._lock:
-                script = self.fork_scripts.get(ppid)
-                self.assigned[pid] = script
-                return script
+            # The forker is inside its ckpt_fork step, or has just had its reply: wait for the
+            # reply, which names the fork's pid (back-to-back forks must not swap scripts).
+            with self._forked:
+                self._forked.wait_for(lambda: pid in self.assigned or not any(
+                    p == ppid and o.step.get("tool") == "ckpt_fork" for (p, _), o in self._open.items()),
+                    timeout=RUN_TIMEOUT_S)
+                return self.assigned.setdefault(pid, None)
         return image
 
     def _was_killed(self, pid: int) -> bool:
@@ -280,7 +286,7 @@ class Judge:
                 elif "grant" in op:
                     target = self._pids(op.get("to", step.get("to", "root")))
                     for p in target:
-                        self.rt.grant(p, op["grant"])
+                        self.rt.grant(p, self.substitute(op["grant"]))
                 elif "kill" in op:
                     for p in self._pids(op["kill"]):
                         self.killed.update(self.rt.kill(p))
@@ -327,6 +333,7 @@ def run_libos(scenario: Scenario, *, keep_state: str | None = None,
                  skills_dir=str(world.skills_dir), ablate=tuple(ablate),
                  providers=[make_rpc_provider(world.servers.urls()), make_mcp_provider(world.mcp_servers.configs())])
     judge.rt = rt
+    judge.scripted = scripted
     try:
         with rt:
             human = judge.human = ScriptedHuman(scenario.human, rt)
@@ -386,7 +393,7 @@ def _register(rt: Runtime, scenario: Scenario) -> None:
     for name, spec in scenario.images.items():
         if "prompt" in spec or "tools" in spec:
             rt.register_image(name, prompt=spec.get("prompt", ""), tools=spec.get("tools", []),
-                              budget=spec.get("budget"))
+                              model=spec.get("model"), budget=spec.get("budget"))
 
 
 def _wait_all(rt: Runtime, root: int) -> bool:
