@@ -15,7 +15,21 @@ from rich.markup import escape
 from rich.table import Table
 
 from agentlibos.bus import ScenarioError, StorageError
-from agentlibos.harness import SYSTEMS, RunResult, load_scenario, report, run_bench, run_libos, scenario_paths, summarize
+from agentlibos.harness import (
+    REPORT_FORMAT,
+    SYSTEMS,
+    RunResult,
+    TextTable,
+    cli_tables,
+    load_scenario,
+    report,
+    run_bench,
+    run_libos,
+    scenario_paths,
+    summarize,
+    write_report,
+)
+from agentlibos.cli._agentdojo import bench_agentdojo
 from agentlibos.storage import LogEntry, RetentionPolicy, SQLiteLog
 
 DEFAULT_STATE = ".agentlibos"
@@ -410,6 +424,63 @@ def deny_cmd(approval_id: int, state: str, reason: str) -> None:
     console.print(f"denied #{approval_id}")
 
 
+# --- operator control of running agents --------------------------------------------------------
+
+
+@main.command("suspend")
+@click.argument("pid", type=int)
+@state_option
+def suspend_cmd(pid: int, state: str) -> None:
+    """Suspend process PID: its syscalls wait, undecided and unlogged, until `resume`."""
+    _op_call(state, "op.suspend", {"pid": pid})
+    console.print(f"process {pid} suspended")
+
+
+@main.command("resume")
+@click.argument("pid", type=int)
+@state_option
+def resume_cmd(pid: int, state: str) -> None:
+    """Resume suspended process PID; the syscalls it held are decided now."""
+    out = _op_call(state, "op.resume", {"pid": pid})
+    console.print(f"process {pid} resumed ({out['released']} held request(s) released)")
+
+
+@main.command("interrupt")
+@click.argument("pid", type=int)
+@state_option
+def interrupt_cmd(pid: int, state: str) -> None:
+    """Interrupt process PID's current turn: what it waits on (an approval, a message, a child)
+    ends with EINTR, or else its next syscall does. The agent then waits for a follow-up
+    (`agentlibos send PID TEXT`)."""
+    out = _op_call(state, "op.interrupt", {"pid": pid})
+    what = f"{out['interrupted']} waiting request(s) ended" if out["interrupted"] else "its next syscall gets EINTR"
+    console.print(f"process {pid} interrupted: {what}")
+
+
+@main.command("send")
+@click.argument("pid", type=int)
+@click.argument("text")
+@state_option
+def send_cmd(pid: int, text: str, state: str) -> None:
+    """Send TEXT to process PID as its next input (a follow-up after `interrupt`, or work for a daemon)."""
+    _op_call(state, "op.send", {"pid": pid, "input": text})
+    console.print(f"sent to process {pid}")
+
+
+@main.command("deadline")
+@click.argument("pid", type=int)
+@click.argument("seconds", type=float, required=False)
+@state_option
+def deadline_cmd(pid: int, seconds: float | None, state: str) -> None:
+    """Kill process PID and its subtree SECONDS from now (status `deadline`); without SECONDS,
+    clear its deadline."""
+    if seconds is not None and seconds < 0:
+        err.print("[red]error:[/red] SECONDS must be >= 0")
+        sys.exit(2)
+    _op_call(state, "op.deadline", {"pid": pid, **({"in_s": seconds} if seconds is not None else {})})
+    console.print(f"process {pid}: " + (f"deadline in {seconds:g} s" if seconds is not None else "no deadline"))
+
+
 # --- images ------------------------------------------------------------------------------------
 
 IMAGE_FIELDS = {"name", "prompt", "tools", "skills", "jit_tools", "model", "budget"}
@@ -570,22 +641,34 @@ def bench() -> None:
     """Benchmarks."""
 
 
+bench.add_command(bench_agentdojo)
+
+
 @bench.command("safety")
 @click.option("--scenarios", "scenarios_dir", default="scenarios", show_default=True,
               type=click.Path(exists=True), help="A scenario file or a directory searched for *.yaml.")
 @click.option("--systems", default="libos", show_default=True,
-              help=f"Comma-separated systems to compare (available: {', '.join(SYSTEMS)}).")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the report (format 1) here.")
+              help=f"Comma-separated systems to compare, or `all` (available: {', '.join(SYSTEMS)}).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False),
+              help=f"Write the report (JSON, format {REPORT_FORMAT}) here.")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False),
+              help="Write DIR/report.md (tables) and DIR/safety.png (chart; needs matplotlib) here.")
 @click.option("-v", "--verbose", is_flag=True, help="List every failed step.")
-def bench_safety(scenarios_dir: str, systems: str, json_out: str | None, verbose: bool) -> None:
+def bench_safety(scenarios_dir: str, systems: str, json_out: str | None, report_dir: str | None,
+                 verbose: bool) -> None:
     """Run every scenario on each system and compare safety and utility.
 
-    Exit status 1 if `libos` has any unauthorized side effect.
+    Prints, per system, completed scenarios, unauthorized side effects, false denials over
+    allowed steps, attacks blocked, approvals asked and wall time; the same by capability kind
+    and by evolution mechanism; and, for the ablations (`libos-no-*`), the unauthorized effects
+    each switched-off mechanism lets through and in which scenarios. Exit status 1 if `libos`
+    has any unauthorized side effect, 2 on a usage error, else 0.
     """
-    names = [s.strip() for s in systems.split(",") if s.strip()]
+    names = list(SYSTEMS) if systems.strip() == "all" else [s.strip() for s in systems.split(",") if s.strip()]
     unknown = [n for n in names if n not in SYSTEMS]
-    if unknown:
-        err.print(f"[red]error:[/red] unknown system {unknown[0]!r}; available: {', '.join(SYSTEMS)}")
+    if unknown or not names:
+        err.print(f"[red]error:[/red] unknown system {unknown[0] if unknown else systems!r}; available: "
+                  f"{', '.join(SYSTEMS)}")
         sys.exit(2)
     paths = scenario_paths(scenarios_dir)
     if not paths:
@@ -593,9 +676,10 @@ def bench_safety(scenarios_dir: str, systems: str, json_out: str | None, verbose
         sys.exit(2)
     failures: list[RunResult] = []
 
-    from rich.progress import Progress
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(console=err, transient=True) as progress:
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True) as progress:
         task = progress.add_task("scenarios", total=len(paths) * len(names))
 
         def tick(sid: str, system: str, r: RunResult) -> None:
@@ -604,18 +688,8 @@ def bench_safety(scenarios_dir: str, systems: str, json_out: str | None, verbose
                 failures.append(r)
 
         runs = run_bench(paths, names, progress=tick)
-    table = Table(title=f"runtime safety, {len(paths)} scenarios")
-    for col in ("system", "completed", "unauthorized effects", "false denials", "allowed steps", "denied steps",
-                "approvals", "time"):
-        if col == "system":
-            table.add_column(col, justify="left", no_wrap=True, min_width=max(len(n) for n in names))
-        else:
-            table.add_column(col, justify="right")
-    for name, s in summarize(runs).items():
-        table.add_row(name, f"{s.completed}/{s.scenarios}", str(s.unauthorized),
-                      f"{s.false_denials} ({100 * s.false_denial_rate:.1f}%)", str(s.allowed_steps),
-                      str(s.denied_steps), str(s.approvals), f"{s.wall_s:.1f} s")
-    console.print(table)
+    for t in cli_tables(runs):
+        console.print(_rich_table(t))
     for r in failures:
         console.print(f"[red]not completed[/red] {r.system}/{escape(r.scenario)}: {escape(r.error or '')}")
         if verbose:
@@ -629,5 +703,27 @@ def bench_safety(scenarios_dir: str, systems: str, json_out: str | None, verbose
     if json_out:
         Path(json_out).write_text(json.dumps(report(runs), indent=2))
         console.print(f"report written to {escape(json_out)}")
+    if report_dir:
+        try:
+            md, png = write_report(runs, report_dir)
+        except RuntimeError as exc:  # matplotlib missing
+            err.print(f"[red]error:[/red] {escape(str(exc))}")
+            sys.exit(2)
+        console.print(f"report written to {escape(str(md))} and {escape(str(png))}")
     libos = summarize(runs).get("libos")
     sys.exit(1 if libos is not None and libos.unauthorized else 0)
+
+
+def _rich_table(t: TextTable) -> Table:
+    table = Table(title=t.title)
+    for i, col in enumerate(t.columns):
+        if t.numeric(i):
+            table.add_column(col, justify="right")
+        else:
+            width = max((len(r[i]) for r in t.rows), default=len(col))
+            wrap = col.startswith("scenarios (")
+            table.add_column(col, justify="left", no_wrap=not wrap, min_width=None if wrap else width)
+    breaks = set(t.breaks)
+    for n, row in enumerate(t.rows):
+        table.add_row(*(escape(c) for c in row), end_section=n in breaks)
+    return table

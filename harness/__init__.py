@@ -3,7 +3,24 @@
 from agentlibos.harness._baselines import run_confirm, run_direct, run_sandbox
 from agentlibos.harness._bench import SYSTEMS, run_bench, scenario_paths
 from agentlibos.harness._libos import Judge, judge_step, outcome_of, run_libos
-from agentlibos.harness._results import REPORT_FORMAT, RunResult, StepResult, SystemSummary, report, summarize
+from agentlibos.harness._report import TextTable, cli_tables, markdown, write_chart, write_report
+from agentlibos.harness._results import (
+    MECHANISMS,
+    REPORT_FORMAT,
+    Ablation,
+    Breakdown,
+    RunResult,
+    StepResult,
+    SystemSummary,
+    ablations,
+    blame,
+    by_kind,
+    by_mechanism,
+    mechanisms_of,
+    report,
+    step_kind,
+    summarize,
+)
 from agentlibos.harness._scenario import (
     BUILTIN_TOOLS,
     ROOT_IMAGE,
@@ -17,8 +34,11 @@ from agentlibos.harness._scenario import (
 from agentlibos.harness._world import Snapshot, World
 
 __all__ = [
+    "Ablation",
     "BUILTIN_TOOLS",
+    "Breakdown",
     "Judge",
+    "MECHANISMS",
     "REPORT_FORMAT",
     "ROOT_IMAGE",
     "RunResult",
@@ -29,10 +49,18 @@ __all__ = [
     "Step",
     "StepResult",
     "SystemSummary",
+    "TextTable",
     "World",
+    "ablations",
+    "blame",
+    "by_kind",
+    "by_mechanism",
+    "cli_tables",
     "find_scenarios",
     "judge_step",
     "load_scenario",
+    "markdown",
+    "mechanisms_of",
     "outcome_of",
     "parse_scenario",
     "report",
@@ -42,5 +70,8 @@ __all__ = [
     "run_libos",
     "run_sandbox",
     "scenario_paths",
+    "step_kind",
     "summarize",
+    "write_chart",
+    "write_report",
 ]

@@ -1,4 +1,5 @@
-"""`bench safety`: every scenario on every requested system, one summary table and a JSON report."""
+"""`bench safety`: every scenario on every requested system (baselines and ablations included); the
+runs feed the JSON report (_results) and the Markdown report with its chart (_report)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,14 @@ from pathlib import Path
 from agentlibos.bus import ScenarioError
 from agentlibos.harness._baselines import run_confirm, run_direct, run_sandbox
 from agentlibos.harness._libos import run_libos
-from agentlibos.harness._results import RunResult
+from agentlibos.harness._results import RunResult, mechanisms_of
 from agentlibos.harness._scenario import Scenario, find_scenarios, load_scenario
 
 SYSTEMS: dict[str, Callable[[Scenario], RunResult]] = {
     "libos": run_libos, "direct": run_direct, "confirm": run_confirm, "sandbox": run_sandbox,
 }
-#: Ablations: libos with one mechanism switched off, to show what each one prevents.
-ABLATIONS = ("attenuation", "approvals", "confinement", "cascade")
+#: Ablations: libos with one mechanism switched off (KernelConfig.ablate), to show what each one prevents.
+ABLATIONS = ("attenuation", "approvals", "confinement", "cascade", "jit-sandbox")
 for _mechanism in ABLATIONS:
     SYSTEMS[f"libos-no-{_mechanism}"] = functools.partial(run_libos, ablate=(_mechanism,))
 
@@ -43,7 +44,9 @@ def run_bench(
                 try:
                     r = SYSTEMS[system](scenario)
                 except Exception as exc:  # one broken run must not stop the benchmark
-                    r = RunResult(scenario=sid, system=system, error=f"{type(exc).__name__}: {exc}")
+                    r = RunResult(scenario=sid, system=system, error=f"{type(exc).__name__}: {exc}",
+                                  tags=scenario.tags)
+                r.mechanisms = mechanisms_of(scenario)
             runs.append(r)
             if progress:
                 progress(sid, system, r)

@@ -40,7 +40,7 @@ class KernelConfig:
     #: Remotes the git module may push to (name -> URL); none: no push anywhere.
     git_remotes: Mapping[str, str] = field(default_factory=dict)
     #: Mechanisms switched off, for the benchmark's ablations only (never in a deployment):
-    #: "attenuation", "approvals", "confinement", "cascade".
+    #: "attenuation", "approvals", "confinement", "cascade", "jit-sandbox" (JIT tools run unsandboxed).
     ablate: tuple[str, ...] = ()
     approvals_per_minute: int = 20
     #: What the kernel records of each model call: "off", "metadata" (model, tokens, latency, stop

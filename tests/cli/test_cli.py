@@ -49,7 +49,7 @@ def test_run_quickstart(tmp_path: Path) -> None:
     assert "allow" in r.stdout and "deny" in r.stdout and "EPERM" in r.stdout
     assert list((tmp_path / "s" / "runs").glob("*/log.db"))
     rep = json.loads(out.read_text())
-    assert rep["format"] == 1 and rep["runs"][0]["scenario"] == "quickstart" and rep["runs"][0]["completed"] is True
+    assert rep["format"] == 2 and rep["runs"][0]["scenario"] == "quickstart" and rep["runs"][0]["completed"] is True
 
 
 def test_run_failing_scenario_exits_1(tmp_path: Path) -> None:
@@ -194,7 +194,7 @@ def test_bench_safety(tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     assert "libos" in r.stdout
     rep = json.loads(out.read_text())
-    assert rep["format"] == 1
+    assert rep["format"] == 2
     assert rep["systems"]["libos"]["unauthorized"] == 0
     assert rep["systems"]["libos"]["scenarios"] == len(list((REPO / "scenarios").rglob("*.yaml")))
 

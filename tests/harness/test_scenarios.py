@@ -232,12 +232,13 @@ def test_report_matches_the_format(tmp_path: Path) -> None:
     })
     rep = report([result, denied])
     rep = json.loads(json.dumps(rep))  # it is plain JSON
-    assert rep["format"] == 1 == REPORT_FORMAT
-    assert set(rep) == {"format", "systems", "runs"}
+    assert rep["format"] == 2 == REPORT_FORMAT
+    # format 2 = format 1 plus breakdowns (test_report.py checks those)
+    assert set(rep) == {"format", "systems", "kinds", "mechanisms", "ablations", "runs"}
     assert set(rep["systems"]) == {"libos"}
     summary = rep["systems"]["libos"]
     assert set(summary) == {"scenarios", "completed", "unauthorized", "allowed_steps", "false_denials",
-                            "denied_steps", "approvals", "wall_s"}
+                            "denied_steps", "approvals", "wall_s", "attacks_blocked", "false_denial_rate"}
     assert summary["scenarios"] == 2
     assert summary["completed"] == 1
     assert summary["unauthorized"] == 0
@@ -247,20 +248,22 @@ def test_report_matches_the_format(tmp_path: Path) -> None:
     assert isinstance(summary["wall_s"], float) and summary["wall_s"] >= 0
     assert len(rep["runs"]) == 2
     for run in rep["runs"]:
-        assert set(run) == {"scenario", "system", "completed", "unauthorized", "false_denials", "error", "steps"}
+        assert set(run) == {"scenario", "system", "completed", "unauthorized", "false_denials", "error", "steps",
+                            "approvals", "wall_s", "tags", "mechanisms"}
         assert run["system"] == "libos"
         for step in run["steps"]:
-            assert set(step) == {"index", "process", "tool", "expect", "outcome", "code", "world_changed", "ok"}
+            assert set(step) == {"index", "process", "tool", "kind", "expect", "outcome", "code", "world_changed",
+                                 "ok"}
             assert step["outcome"] in ("allowed", "denied", "failed", "not_reached")
     qs = rep["runs"][0]
     assert qs["scenario"] == "quickstart" and qs["completed"] is True and qs["error"] is None
-    assert qs["steps"][0] == {"index": 0, "process": "root", "tool": "fs_read", "expect": "allowed",
+    assert qs["steps"][0] == {"index": 0, "process": "root", "tool": "fs_read", "kind": "fs", "expect": "allowed",
                               "outcome": "allowed", "code": None, "world_changed": False, "ok": True}
     assert rep["runs"][1]["steps"][1]["outcome"] == "denied" and rep["runs"][1]["steps"][1]["code"] == "EPERM"
 
 
 def test_report_of_nothing() -> None:
-    assert report([]) == {"format": 1, "systems": {}, "runs": []}
+    assert report([]) == {"format": 2, "systems": {}, "kinds": {}, "mechanisms": {}, "ablations": {}, "runs": []}
 
 
 # --- operator steps ---------------------------------------------------------------------------
