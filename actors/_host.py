@@ -63,7 +63,10 @@ class ProcessHost:
         ctl = self._ctx.socket(zmq.PAIR)
         ctl.setsockopt(zmq.LINGER, 0)
         ctl.connect(self._control)
-        ctl.send(b"stop")
+        try:
+            ctl.send(b"stop", zmq.NOBLOCK)  # a host thread that already died has no peer: never block
+        except zmq.Again:
+            pass
         self._thread.join(10)
         ctl.close(0)
         with self._lock:
