@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -255,3 +256,16 @@ def _lookup(path: tuple[str, ...]) -> click.Command:
         assert isinstance(cmd, click.Group)
         cmd = cmd.commands[name]
     return cmd
+
+
+def test_operator_commands_on_a_stale_connection_file_exit_2_at_once(tmp_path: Path) -> None:
+    """A kernel killed with SIGKILL leaves connection.json behind: say so instead of waiting."""
+    state = tmp_path / "s"
+    state.mkdir()
+    (state / "kernel.lock").write_text("12345")
+    (state / "connection.json").write_text(json.dumps({"endpoint": f"ipc://{tmp_path}/gone.sock",
+                                                       "operator_token": "x"}))
+    t0 = time.monotonic()
+    r = invoke("ps", "--state", str(state))
+    assert r.exit_code == 2
+    assert "no kernel is running" in r.output and time.monotonic() - t0 < 5
