@@ -466,6 +466,26 @@ class _Console:
         self.rt.operator.call("op.resume", {"pid": pid})
         return f"resumed pid {pid}"
 
+    def _do_interrupt(self, form: dict[str, str]) -> str:
+        pid = int(form["pid"])
+        ended = self.rt.interrupt(pid)
+        return f"interrupted pid {pid}: " + (f"{ended} waiting request(s) ended" if ended else "its next syscall gets EINTR")
+
+    def _do_send(self, form: dict[str, str]) -> str:
+        pid, text = int(form["pid"]), form.get("text", "")
+        if not text.strip():
+            raise ValueError("nothing to send: write the follow-up message first")
+        self.rt.send(pid, text)
+        return f"sent a message to pid {pid}"
+
+    def _do_deadline(self, form: dict[str, str]) -> str:
+        pid, raw = int(form["pid"]), form.get("seconds", "").strip()
+        seconds = float(raw) if raw else None
+        if seconds is not None and not seconds >= 0:
+            raise ValueError("the deadline is a number of seconds >= 0")
+        self.rt.deadline(pid, seconds)
+        return f"pid {pid}: " + (f"killed in {seconds:g} s unless it ends first" if seconds is not None else "no deadline")
+
     # -- the event stream
     async def events(self, request: Request) -> Response:
         try:

@@ -275,3 +275,19 @@ def test_event_stream_resumes_after_last_event_id(env: Env, web: httpx.Client) -
                 ids.append(int(line[4:]))
                 break
     assert ids == [last + 1]
+
+
+def test_interrupt_send_and_deadline_go_through_the_kernel(env: Env, web: httpx.Client) -> None:
+    pid, aid = _blocked(env)
+    assert 'data-action="interrupt"' in web.get("/").text
+    r = web.post("/actions/interrupt", data={"pid": str(pid), "csrf": _csrf(env)})
+    assert r.status_code == 303 and "notice=interrupted" in r.headers["location"], r.headers["location"]
+    assert not env.pending(pid)  # the approval it waited on ended with EINTR
+    r = web.post("/actions/send", data={"pid": str(pid), "text": " ", "csrf": _csrf(env)})
+    assert "error=" in r.headers["location"]
+    r = web.post("/actions/deadline", data={"pid": str(pid), "seconds": "-1", "csrf": _csrf(env)})
+    assert "error=" in r.headers["location"]
+    r = web.post("/actions/deadline", data={"pid": str(pid), "seconds": "0", "csrf": _csrf(env)})
+    assert r.status_code == 303 and "notice=" in r.headers["location"]
+    assert env.rt.wait(pid, timeout_s=15).status == "deadline"  # interrupted, it waited for input
+    assert _ops(env, "op.interrupt") and _ops(env, "op.deadline")
