@@ -259,6 +259,7 @@ class Kernel(OperatorMixin, WorldMixin, AgentMixin):
         except Exception:
             log.exception("kernel: could not recover images from the log")
         self._recover_approvals()
+        self._recover_shared_memory()
         # Capabilities: every record comes back for derivation chains, explain and revocation;
         # their holders ended with the earlier session, so none is held by anyone.
         max_cap = 0
@@ -282,6 +283,37 @@ class Kernel(OperatorMixin, WorldMixin, AgentMixin):
             if parent is not None and rec.id not in parent.children:
                 parent.children.append(rec.id)
         self.caps._next_id = max_cap + 1
+
+    def _recover_shared_memory(self) -> None:
+        """Shared Object Memory namespaces outlive the processes that wrote them: rebuilt from
+        the puts and deletes the log records as done (a `self` namespace ends with its process;
+        checkpoints carry their own copy)."""
+        writes: dict[int, tuple[str, str, str, Any]] = {}
+        try:
+            for e in self.log.entries(kinds=["sys", "op", "result"]):
+                b = e.body
+                if e.kind == "result":
+                    w = writes.pop(e.cause, None) if e.cause is not None else None
+                    if w is not None and b.get("ok"):
+                        op, store_key, key, value = w
+                        if op == "put":
+                            self.memory.setdefault(store_key, {})[key] = value
+                        else:
+                            self.memory.get(store_key, {}).pop(key, None)
+                    continue
+                name = b.get("sys")
+                if name not in ("mem.put", "mem.delete", "op.mem.put") or b.get("decision", "allow") != "allow":
+                    continue
+                present, args = self.log.payload(e.seq)
+                if not present or not isinstance(args, dict):
+                    continue
+                ns = args.get("ns") or "self"
+                if not isinstance(ns, str) or ns == "self" or ns.startswith("self:"):
+                    continue
+                writes[e.seq] = ("delete" if name == "mem.delete" else "put", f"ns:{ns}", args.get("key"),
+                                 args.get("value"))
+        except Exception:
+            log.exception("kernel: could not recover shared memory from the log")
 
     def _recover_approvals(self) -> None:
         """Approvals still pending when the earlier session ended stay in the queue: an operator

@@ -196,3 +196,24 @@ def test_pending_approvals_survive_a_restart(tmp_path: Path) -> None:
             (asked["id"], "bob"), (again["id"], "operator")]
     finally:
         log.close()
+
+
+def test_shared_memory_survives_a_restart_and_self_memory_ends_with_its_process(tmp_path: Path) -> None:
+    team = Grant("memory", {"namespace": "team"}, ["read", "write", "delete"])
+    with runtime(tmp_path) as rt:
+        _pid, token = rt.spawn_external("x", caps=[team])
+        with rt.client(token) as c:
+            c.call("mem.put", {"ns": "team", "key": "plan", "value": {"step": 1}})
+            c.call("mem.put", {"ns": "team", "key": "gone", "value": 1})
+            c.call("mem.delete", {"ns": "team", "key": "gone"})
+            c.call("mem.put", {"key": "mine", "value": "private"})
+            assert code_of(lambda: c.call("mem.put", {"ns": "other", "key": "k", "value": 1})) == "EPERM"
+        rt.operator.call("op.mem.put", {"ns": "team", "key": "seed", "value": "from the operator"})
+    with Runtime(tmp_path / "state", world_root=tmp_path / "world", ipc=False) as rt:
+        _pid2, token2 = rt.spawn_external("x", caps=[team])
+        with rt.client(token2) as c:
+            assert c.call("mem.get", {"ns": "team", "key": "plan"})["value"] == {"step": 1}
+            assert c.call("mem.get", {"ns": "team", "key": "seed"})["value"] == "from the operator"
+            assert code_of(lambda: c.call("mem.get", {"ns": "team", "key": "gone"})) == "ENOENT"
+            assert code_of(lambda: c.call("mem.get", {"key": "mine"})) == "ENOENT"  # a new process, a new self
+        assert code_of(lambda: rt.operator.call("op.mem.get", {"ns": "other", "key": "k"})) == "ENOENT"
