@@ -126,6 +126,28 @@ class BudgetTree:
             parent.live_children += 1
         return node
 
+    def snapshot(self) -> dict[str, Any]:
+        """Every node still open (not released), for a clean stop: restored by `restore`."""
+        return {str(pid): {"parent": n.parent.pid if n.parent is not None else None, "started": n.started,
+                           "limits": dict(n.limits), "used": dict(n.used),
+                           "reserved_from": {d: s.pid for d, s in n.reserved_from.items()},
+                           "exited": n.exited, "live_children": n.live_children}
+                for pid, n in self.nodes.items() if not n.released}
+
+    def restore(self, snap: Mapping[str, Any]) -> None:
+        """The open nodes of a snapshot, with their parents and reservations as they were."""
+        for key, raw in snap.items():
+            pid = int(key)
+            self.nodes[pid] = BudgetNode(pid=pid, parent=None, started=float(raw["started"]),
+                                         limits={d: float(v) for d, v in raw["limits"].items()},
+                                         used={d: float(v) for d, v in raw["used"].items()},
+                                         exited=bool(raw["exited"]), live_children=int(raw["live_children"]))
+        for key, raw in snap.items():
+            node = self.nodes[int(key)]
+            parent = raw.get("parent")
+            node.parent = self.nodes.get(parent) if parent is not None else None
+            node.reserved_from = {d: self.nodes[src] for d, src in raw["reserved_from"].items() if src in self.nodes}
+
     def release(self, pid: int) -> None:
         """A process exited: what it left unspent of each reservation returns to where it came
         from, once no live descendant draws on its node any more."""

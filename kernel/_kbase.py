@@ -50,6 +50,7 @@ class KernelBase(pykka.ThreadingActor):
     _conns: dict[bytes, Caller]
     _ended_conns: dict[bytes, tuple[int, str]]
     _tokens: dict[str, int]
+    _token_digests: dict[str, int]  # sha256 of a resumed process's token -> pid, until its hello
     _host_conn: bytes | None
     _host_backlog: list[Command]
     _next_pid: int

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -127,6 +128,7 @@ class Kernel(OperatorMixin, WorldMixin, AgentMixin):
         self._conns = {}
         self._ended_conns = {}
         self._tokens = {}
+        self._token_digests = {}
         self._host_conn = None
         self._host_backlog = []
         self._next_pid = 1
@@ -192,7 +194,11 @@ class Kernel(OperatorMixin, WorldMixin, AgentMixin):
             self._tick = time.time()
             if not self.failed:
                 try:
-                    self._stage("kernel.stop", {"state_hash": self.state_hash()})
+                    resume = self._resume_state()
+                    if resume is None:
+                        self._stage("kernel.stop", {"state_hash": self.state_hash()})
+                    else:
+                        self._stage("kernel.stop", {"state_hash": self.state_hash()}, payload=resume, has_payload=True)
                 except Exception:
                     log.exception("kernel: could not record the final state hash")
             self._flush()
@@ -211,10 +217,35 @@ class Kernel(OperatorMixin, WorldMixin, AgentMixin):
     def on_failure(self, *args: Any) -> None:  # pragma: no cover - on_receive never raises
         log.error("kernel actor failure: %r", args)
 
+    def _resume_state(self) -> dict[str, Any] | None:
+        """At a clean stop: what lets outside (external) processes carry on after a restart, i.e.
+        their records, a digest of their tokens, and the open budget nodes. None: nothing to resume."""
+        procs = [{"pid": p.pid, "ppid": p.ppid, "image": p.image, "model": p.model, "daemon": p.daemon,
+                  "state": "suspended" if p.state == "suspended" else "ready", "origin": p.origin,
+                  "token_sha256": hashlib.sha256(p.token.encode()).hexdigest(), "requestable": p.requestable}
+                 for p in self.procs.values() if p.external and p.state in LIVE and p.state != "needs_attention"]
+        return {"processes": procs, "budgets": self.budgets.snapshot()} if procs else None
+
+    def _clean_stop(self) -> dict[str, Any]:
+        """The resume state the earlier session left if it stopped cleanly (else nothing)."""
+        try:
+            head = self.log.head()[0]
+            last = self.log.get(head) if head else None
+            if last is None or last.kind != "kernel.stop":
+                return {}
+            present, state = self.log.payload(last.seq)
+            return state if present and isinstance(state, dict) else {}
+        except Exception:
+            log.exception("kernel: could not read the earlier session's stop entry")
+            return {}
+
     def _recover(self) -> None:
         """Continue after what the log holds. An effect logged as intended with no recorded result
         is `unknown`: never run again on its own; its process waits in needs_attention until an
-        operator resolves it. Other live processes of the earlier session are interrupted."""
+        operator resolves it. After a clean stop, outside processes carry on (they say hello
+        again with their tokens); every other live process of the earlier session is interrupted."""
+        resume = self._clean_stop()
+        resumable = {int(p["pid"]): p for p in resume.get("processes", [])}
         unknown = self._unknown_effects()
         for seq, (pid, sys) in sorted(unknown.items()):
             self._stage("effect.unknown", {"decision": seq, "pid": pid, "sys": sys}, pid=pid, cause=seq)
@@ -225,6 +256,9 @@ class Kernel(OperatorMixin, WorldMixin, AgentMixin):
             pid = int(row["pid"])
             max_pid = max(max_pid, pid)
             state, status = str(row.get("state")), row.get("status")
+            if state in LIVE and pid in resumable and pid not in attention:
+                self._resume_process(resumable[pid])
+                continue
             if state in LIVE and pid not in attention:
                 self._stage("proc.state", {"pid": pid, "state": "exited", "status": "interrupted"})
                 state, status = "exited", "interrupted"
@@ -241,6 +275,13 @@ class Kernel(OperatorMixin, WorldMixin, AgentMixin):
             self.procs[pid] = Proc(pid=pid, ppid=None, image="", model="", token="", daemon=False,
                                    state="needs_attention", status="unknown effect")
         self._next_pid = max_pid + 1
+        if resume.get("budgets"):
+            # Budgets as they stood at the stop; what interrupted processes reserved goes back.
+            self.budgets.restore(resume["budgets"])
+            for pid in sorted(self.budgets.nodes, reverse=True):
+                owner = self.procs.get(pid)
+                if owner is None or owner.state not in LIVE or owner.state == "needs_attention":
+                    self.budgets.release(pid)
         # Checkpoints are content (a snapshot and the handles it named): restored as recorded.
         try:
             for e in self.log.entries(kinds=["ckpt.create"]):
@@ -263,8 +304,10 @@ class Kernel(OperatorMixin, WorldMixin, AgentMixin):
         # Capabilities: every record comes back for derivation chains, explain and revocation;
         # their holders ended with the earlier session, so none is held by anyone.
         max_cap = 0
+        dropped_at_stop: dict[int, bool] = {}
         for row in self.log_projection("capabilities"):
             cid = int(row["cap"])
+            dropped_at_stop[cid] = bool(row.get("dropped"))
             max_cap = max(max_cap, cid)
             try:
                 rec = CapRecord(id=cid, holder=int(row["holder"]), handle=str(row["handle"]), kind=str(row["kind"]),
@@ -279,6 +322,13 @@ class Kernel(OperatorMixin, WorldMixin, AgentMixin):
                 continue
             self.caps.records[cid] = rec
         for rec in self.caps.records.values():
+            if rec.holder in resumable and rec.holder in self.procs and self.procs[rec.holder].state in LIVE:
+                # A resumed process holds again what it held (revoked ones stay dead; dropped stay gone).
+                self.caps._used_names.setdefault(rec.holder, set()).add(rec.handle)
+                row_dropped = dropped_at_stop.get(rec.id, True)
+                if not row_dropped:
+                    rec.dropped = False
+                    self.caps.handles.setdefault(rec.holder, {})[rec.handle] = rec.id
             parent = self.caps.records.get(rec.parent) if rec.parent is not None else None
             if parent is not None and rec.id not in parent.children:
                 parent.children.append(rec.id)
@@ -288,7 +338,7 @@ class Kernel(OperatorMixin, WorldMixin, AgentMixin):
         """Shared Object Memory namespaces outlive the processes that wrote them: rebuilt from
         the puts and deletes the log records as done (a `self` namespace ends with its process;
         checkpoints carry their own copy)."""
-        writes: dict[int, tuple[str, str, str, Any]] = {}
+        writes: dict[int, tuple[str, str, Any, Any]] = {}
         try:
             for e in self.log.entries(kinds=["sys", "op", "result"]):
                 b = e.body
@@ -315,6 +365,17 @@ class Kernel(OperatorMixin, WorldMixin, AgentMixin):
         except Exception:
             log.exception("kernel: could not recover shared memory from the log")
 
+    def _resume_process(self, saved: dict[str, Any]) -> None:
+        pid = int(saved["pid"])
+        ppid = saved.get("ppid")
+        proc = Proc(pid=pid, ppid=ppid if isinstance(ppid, int) else None, image=str(saved.get("image", "")),
+                    model=str(saved.get("model", "")), token="", daemon=bool(saved.get("daemon")),
+                    state=str(saved.get("state", "ready")), status=None, origin=str(saved.get("origin", "spawn")),
+                    requestable=list(saved.get("requestable") or []), external=True)
+        self.procs[pid] = proc
+        self._token_digests[str(saved["token_sha256"])] = pid
+        self._stage("proc.state", {"pid": pid, "state": proc.state, "status": "resumed after a restart"}, pid=pid)
+
     def _recover_approvals(self) -> None:
         """Approvals still pending when the earlier session ended stay in the queue: an operator
         sees what was asked and closes it, and the decision is logged. Their requester did not
@@ -335,8 +396,8 @@ class Kernel(OperatorMixin, WorldMixin, AgentMixin):
                 ap = Approval(aid, int(e.pid or 0), str(e.body.get("sys", "")), str(e.body.get("kind", "effect")),
                               rendering if present and isinstance(rendering, dict) else {}, e.ts, b"", 0,
                               int(e.cause or e.seq), None, None)
-                ap.rendering = {**ap.rendering, "note": "asked before the kernel restarted; the requester was "
-                                                        "interrupted, so approving runs nothing"}
+                ap.rendering = {**ap.rendering, "note": "asked before the kernel restarted; that request ended "
+                                                        "with the restart, so approving runs nothing"}
                 self.approvals[aid] = ap
                 left = max(0.0, e.ts + self.config.approval_timeout_s - time.time())
                 ap.timer = threading.Timer(left, self._fire_approval, (aid,))
@@ -550,6 +611,12 @@ class Kernel(OperatorMixin, WorldMixin, AgentMixin):
             self._out.commands.extend((conn, c.encode()) for c in backlog)
             return
         pid = self._tokens.get(msg.token) if msg.role == "process" else None
+        if pid is None and msg.role == "process" and self._token_digests:
+            # A process resumed after a restart: known by its token's digest until it says hello.
+            pid = self._token_digests.pop(hashlib.sha256(msg.token.encode()).hexdigest(), None)
+            if pid is not None and pid in self.procs:
+                self.procs[pid].token = msg.token
+                self._tokens[msg.token] = pid
         proc = self.procs.get(pid) if pid is not None else None
         if proc is None or proc.state not in LIVE:
             self._reply(conn, Reply.failure(msg.id, "EPERM", "unknown or expired token"))

@@ -89,6 +89,7 @@ class OperatorMixin(ApprovalsMixin, CheckpointsMixin):
         for g in grants:
             self._grant(proc.pid, g, now, seq)
         if args.get("external"):
+            proc.external = True
             return {"pid": proc.pid, "token": proc.token}
         self._start_process(proc)
         return {"pid": proc.pid}

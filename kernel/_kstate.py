@@ -90,6 +90,9 @@ class Proc:
     #: What the operator may let this process ask for with cap.request (grant specs); none by default.
     requestable: list[dict[str, Any]] = field(default_factory=list)
     deadline: float | None = None
+    #: Run by an outside client (op.spawn external), not by a process host: it can outlive a
+    #: clean kernel restart, saying hello again with its token.
+    external: bool = False
     deadline_timer: threading.Timer | None = None
 
 
