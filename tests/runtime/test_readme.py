@@ -30,3 +30,25 @@ def test_readme_example_runs_verbatim(tmp_path: Path, monkeypatch: pytest.Monkey
     assert (tmp_path / "world/secrets/key.txt").read_text() == "hunter2"
     assert "hunter2" not in out
     assert (tmp_path / "state/log.db").exists()
+
+
+def test_readme_configuration_example_loads(tmp_path: Path) -> None:
+    """The README's kernel.toml is a valid configuration: every setting is known and typed, and a
+    kernel starts on it (the world root moved under tmp_path)."""
+    from agentlibos.kernel import KernelConfig
+    from agentlibos.runtime import Runtime
+
+    m = re.search(r"## Configuration\n.*?```toml\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    assert m, "README has no configuration example"
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "kernel.toml").write_text(m.group(1))
+    cfg = KernelConfig.load(state, tmp_path / "world")
+    assert cfg.modules == ("git",) and cfg.llm_observe == "metadata" and cfg.approval_timeout_s == 600
+    assert dict(cfg.git_remotes) == {"origin": "/srv/git/project.git"}
+    assert "tickets" in cfg.rpc_endpoints and "files" in cfg.mcp_servers
+    with Runtime(state, world_root=tmp_path / "world", ipc=False) as rt:
+        assert "git.status" in rt.inspect(lambda k: set(k.syscalls))
+    (state / "kernel.toml").write_text("[kernel]\nno_such_setting = 1\n")
+    with pytest.raises(ValueError, match="no_such_setting"):
+        KernelConfig.load(state)
