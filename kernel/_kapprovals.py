@@ -15,6 +15,7 @@ from agentlibos.kernel._caps import CapRecord
 from agentlibos.kernel._kprocs import ProcsMixin
 from agentlibos.kernel._kstate import LIVE, Approval, ApprovalTimeout, Outcome, Proc
 from agentlibos.kernel._table import SyscallSpec
+from agentlibos.storage import digest
 
 
 class ApprovalsMixin(ProcsMixin):
@@ -25,6 +26,11 @@ class ApprovalsMixin(ProcsMixin):
                       cap: CapRecord | None, outcome: Outcome | None, seq: int, *, question: dict[str, Any] | None = None) -> None:
         """Park a request for a human. The approver sees the kernel's rendering of the effect."""
         now = self.clock()
+        rendering = _sanitize({"sys": spec.name, "pid": proc.pid, "image": proc.image,
+                               "cap": cap.handle if cap else None, **(outcome.detail or {} if outcome else {}),
+                               **({"question": question} if question else {})})
+        if self._carried_over(conn, rid, proc, spec, cap, outcome, seq, rendering, question is not None):
+            return
         recent = [t for t in self._approval_times.get(proc.pid, []) if t > now - 60]
         if len(recent) >= self.config.approvals_per_minute:
             self._finish(conn, rid, proc.pid, spec.name, seq, None, KernelError(
@@ -34,9 +40,6 @@ class ApprovalsMixin(ProcsMixin):
         self._approval_times[proc.pid] = recent
         self._approval_ids += 1
         aid = self._approval_ids
-        rendering = _sanitize({"sys": spec.name, "pid": proc.pid, "image": proc.image,
-                               "cap": cap.handle if cap else None, **(outcome.detail or {} if outcome else {}),
-                               **({"question": question} if question else {})})
         ap = Approval(aid, proc.pid, spec.name, "question" if question else "effect", rendering, now, conn, rid, seq,
                       outcome, cap)
         self.approvals[aid] = ap
@@ -49,6 +52,26 @@ class ApprovalsMixin(ProcsMixin):
         self._set_state(proc, "blocked")
         self._event(Topic.approval(), {"id": aid, "event": "asked", "pid": proc.pid, "sys": spec.name,
                                        "kind": ap.kind, "rendering": rendering})
+
+    def _carried_over(self, conn: bytes, rid: int, proc: Proc, spec: SyscallSpec, cap: CapRecord | None,
+                      outcome: Outcome | None, seq: int, rendering: dict[str, Any], question: bool) -> bool:
+        """A retry, after a restart, of a request whose approval outlived it: wait on that same
+        approval, or run now if a human already said yes to it (once). True if handled."""
+        if not self._approved_carried and not any(a.carried for a in self.approvals.values()):
+            return False
+        key = digest(rendering)
+        aid = self._approved_carried.pop((proc.pid, key), None)
+        if aid is not None and not question and outcome is not None:
+            self._stage("approval.reuse", {"id": aid, "pid": proc.pid, "sys": spec.name}, pid=proc.pid, cause=seq)
+            self._carry_out(conn, rid, proc, spec, outcome, seq)
+            return True
+        ap = next((a for a in self.approvals.values() if a.carried == key and a.pid == proc.pid and not a.conn), None)
+        if ap is None:
+            return False
+        ap.conn, ap.rid, ap.decision_seq, ap.outcome, ap.cap = conn, rid, seq, outcome, cap
+        self._stage("approval.attach", {"id": ap.id, "pid": proc.pid, "sys": spec.name}, pid=proc.pid, cause=seq)
+        self._set_state(proc, "blocked")
+        return True
 
     def _fire_approval(self, aid: int) -> None:
         try:
@@ -72,7 +95,12 @@ class ApprovalsMixin(ProcsMixin):
         if proc is not None and proc.state == "blocked":
             self._set_state(proc, "running")
         if not ap.conn:
-            return {"id": aid, "decision": body["decision"], "note": "asked before a restart: nothing runs"}
+            # Its request ended with a restart; a yes waits for the process to send it again.
+            if approve and ap.carried and ap.kind == "effect":
+                self._approved_carried[(ap.pid, ap.carried)] = aid
+                return {"id": aid, "decision": "approve",
+                        "note": "asked before a restart: runs when the process retries the same request (once)"}
+            return {"id": aid, "decision": body["decision"], "note": "asked before a restart: nothing runs now"}
         if proc is None or proc.state not in LIVE:
             return {"id": aid, "decision": body["decision"], "note": "the process has ended"}
         spec = self.syscalls[ap.sys]

@@ -47,6 +47,8 @@ class KernelBase(pykka.ThreadingActor):
     approvals: dict[int, Approval]
     _approval_ids: int
     _approval_times: dict[int, list[float]]
+    #: (pid, rendering digest) -> approval id: approved after a restart, for one retry of that effect.
+    _approved_carried: dict[tuple[int, str], int]
     _conns: dict[bytes, Caller]
     _ended_conns: dict[bytes, tuple[int, str]]
     _tokens: dict[str, int]

@@ -125,6 +125,7 @@ class Kernel(OperatorMixin, WorldMixin, AgentMixin):
         self.approvals = {}
         self._approval_ids = 0
         self._approval_times = {}
+        self._approved_carried = {}
         self._conns = {}
         self._ended_conns = {}
         self._tokens = {}
@@ -396,8 +397,9 @@ class Kernel(OperatorMixin, WorldMixin, AgentMixin):
                 ap = Approval(aid, int(e.pid or 0), str(e.body.get("sys", "")), str(e.body.get("kind", "effect")),
                               rendering if present and isinstance(rendering, dict) else {}, e.ts, b"", 0,
                               int(e.cause or e.seq), None, None)
-                ap.rendering = {**ap.rendering, "note": "asked before the kernel restarted; that request ended "
-                                                        "with the restart, so approving runs nothing"}
+                ap.carried = digest(ap.rendering)
+                ap.rendering = {**ap.rendering, "note": "asked before the kernel restarted: a yes lets the process's "
+                                                        "retry of this same request run once, without asking again"}
                 self.approvals[aid] = ap
                 left = max(0.0, e.ts + self.config.approval_timeout_s - time.time())
                 ap.timer = threading.Timer(left, self._fire_approval, (aid,))

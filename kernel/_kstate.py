@@ -110,6 +110,9 @@ class Approval:
     outcome: Any
     cap: CapRecord | None
     timer: threading.Timer | None = None
+    #: For an approval that outlived a restart: the digest of the effect's rendering, which a
+    #: retry of the same request must match to wait on it (or to use its "yes").
+    carried: str = ""
 
     def view(self) -> dict[str, Any]:
         return {"id": self.id, "pid": self.pid, "sys": self.sys, "kind": self.kind, "rendering": self.rendering,

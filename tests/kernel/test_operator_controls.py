@@ -4,6 +4,7 @@ ceiling, interrupt (EINTR) with a follow-up, deadlines; each logged and replayab
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -160,42 +161,60 @@ def test_a_deadline_kills_the_process(tmp_path: Path) -> None:
 
 
 def test_pending_approvals_survive_a_restart(tmp_path: Path) -> None:
+    """An approval pending at a restart stays in the queue. The request it gated ended with the
+    restart; when the (resumed) process sends it again, it waits on that same approval, or runs
+    once without asking if a human already said yes to it."""
     from agentlibos.bus import BusError
 
+    (tmp_path / "world" / "docs").mkdir(parents=True)
+    (tmp_path / "world" / "docs" / "b.txt").write_text("beta")
+    gated = Grant("fs", {"root": "docs"}, ["read"], approval="always")
     with runtime(tmp_path) as rt:
-        pid, token = rt.spawn_external("x", caps=[Grant("fs", {"root": "docs"}, ["read"], approval="always")])
+        pid, token = rt.spawn_external("x", caps=[gated])
+        asked = []
         with rt.events(Topic.approval()) as events, rt.client(token) as c:
-            with pytest.raises(BusError):  # sent; the answer waits for a human
-                c.request("fs.read", {"path": "docs/a.txt"}, timeout_s=0.001)
-            asked = next_asked(events, pid)
+            for name in ("a.txt", "b.txt"):
+                with pytest.raises(BusError):  # sent; the answer waits for a human
+                    c.request("fs.read", {"path": f"docs/{name}"}, timeout_s=0.001)
+                asked.append(next_asked(events, pid))
     with Runtime(tmp_path / "state", world_root=tmp_path / "world", ipc=False) as rt:
-        (pending,) = rt.operator.call("op.approvals")["approvals"]
-        assert (pending["id"], pending["pid"], pending["sys"]) == (asked["id"], pid, "fs.read")
-        assert pending["rendering"]["path"] == asked["rendering"]["path"]
-        assert "restarted" in pending["rendering"]["note"]
-        # An outside process carries on after a clean stop (its request did not).
-        assert [p["state"] for p in rt.ps() if p["pid"] == pid] == ["ready"]
+        pending = rt.operator.call("op.approvals")["approvals"]
+        assert [(p["id"], p["pid"], p["sys"]) for p in pending] == [(a["id"], pid, "fs.read") for a in asked]
+        assert pending[0]["rendering"]["path"] == asked[0]["rendering"]["path"]
+        assert "restarted" in pending[0]["rendering"]["note"]
+        assert [p["state"] for p in rt.ps() if p["pid"] == pid] == ["ready"]  # an outside process carries on
         (old_cap,) = [c for c in rt.caps(pid) if c["kind"] == "fs"]
-        assert (old_cap["kind"], old_cap["approval"], old_cap["revoked"], old_cap["dropped"]) == (
-            "fs", "always", False, False)
-        out = rt.operator.call("op.approve", {"id": asked["id"], "author": "bob"})
-        assert "nothing runs" in out["note"]
-        assert rt.operator.call("op.approvals")["approvals"] == []
-        # Ids go on from where the earlier session stopped.
-        pid2, token2 = rt.spawn_external("x", caps=[Grant("fs", {"root": "docs"}, ["read"], approval="always")])
+        assert (old_cap["approval"], old_cap["revoked"], old_cap["dropped"]) == ("always", False, False)
+        # A yes before the retry: the retry of exactly that request runs once, without asking.
+        out = rt.operator.call("op.approve", {"id": asked[0]["id"], "author": "bob"})
+        assert "retries" in out["note"]
         with rt.events(Topic.approval()) as events:
-            t, box = in_thread(rt, token2, "fs.read", {"path": "docs/a.txt"})
-            again = next_asked(events, pid2)
-            rt.operator.call("op.approve", {"id": again["id"]})
+            with rt.client(token) as c:
+                assert c.call("fs.read", {"path": "docs/a.txt"})["text"] == "alpha"
+            # The retry of the other request waits on its surviving approval (nothing new is asked).
+            t, box = in_thread(rt, token, "fs.read", {"path": "docs/b.txt"})
+            deadline = time.monotonic() + 30
+            while [p["state"] for p in rt.ps() if p["pid"] == pid] != ["blocked"]:  # attached: it waits
+                assert time.monotonic() < deadline, "the retry never waited on the surviving approval"
+            rt.operator.call("op.approve", {"id": asked[1]["id"]})
             t.join(30)
-        assert again["id"] > asked["id"] and pid2 > pid
-        assert box["value"]["text"] == "alpha"
+            # once used, the carried yes is gone: the same read asks again
+            t2, box2 = in_thread(rt, token, "fs.read", {"path": "docs/a.txt"})
+            again = next_asked(events, pid)
+            rt.operator.call("op.deny", {"id": again["id"]})
+            t2.join(30)
+        assert box2["error"].code == "EDENIED"
+        assert again["id"] > asked[1]["id"]
     log = SQLiteLog.open_readonly(tmp_path / "state" / "log.db")
     try:
-        assert [(e.body["id"], e.body["author"]) for e in log.entries(kinds=["approval.decide"])] == [
-            (asked["id"], "bob"), (again["id"], "operator")]
+        kinds = [(e.kind, e.body["id"]) for e in log.entries(kinds=["approval.reuse", "approval.attach"])]
+        decided = [(e.body["id"], e.body["author"]) for e in log.entries(kinds=["approval.decide"])]
     finally:
         log.close()
+    assert ("approval.reuse", asked[0]["id"]) in kinds
+    assert decided[:2] == [(asked[0]["id"], "bob"), (asked[1]["id"], "operator")]
+    assert ("approval.attach", asked[1]["id"]) in kinds
+    assert box["value"]["text"] == "beta"
 
 
 def test_shared_memory_survives_a_restart_and_self_memory_ends_with_its_process(tmp_path: Path) -> None:
