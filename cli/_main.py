@@ -30,6 +30,7 @@ from agentlibos.harness import (
     write_report,
 )
 from agentlibos.cli._agentdojo import bench_agentdojo
+from agentlibos.kernel._kstate import LIVE
 from agentlibos.storage import LogEntry, RetentionPolicy, SQLiteLog
 
 DEFAULT_STATE = ".agentlibos"
@@ -377,12 +378,16 @@ def _op_call(state: str, sys_name: str, args: dict[str, Any]) -> Any:
 
 @main.command("ps")
 @state_option
-def ps_cmd(state: str) -> None:
+@click.option("--live", is_flag=True, help="Only processes that have not ended (a restarted kernel also lists "
+                                           "the earlier sessions' processes, ended).")
+def ps_cmd(state: str, live: bool) -> None:
     """List the processes of the running kernel."""
     t = Table()
     for col in ("pid", "ppid", "image", "state", "status", "model"):
         t.add_column(col)
     for p in _op_call(state, "op.ps", {})["processes"]:
+        if live and p.get("state") not in LIVE:
+            continue
         t.add_row(*(escape(str(p.get(k) if p.get(k) is not None else "")) for k in ("pid", "ppid", "image", "state",
                                                                                      "status", "model")))
     console.print(t)
