@@ -14,27 +14,17 @@ import json
 import threading
 from collections import defaultdict, deque
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import PurePath
 from typing import Any
 
 from agentlibos.bus import KernelError, NondeterminismError
 from agentlibos.bus._observe import redact
+from agentlibos.bus._turn import Completion
 
 
-@dataclass(frozen=True, slots=True)
-class LLMTurn:
-    """One model turn in the shape `llm.complete` returns."""
-
-    content: list[dict[str, Any]]
-    stop_reason: str
-    usage: dict[str, int] = field(default_factory=lambda: {"input_tokens": 0, "output_tokens": 0})
-    model: str = ""
-    final: bool = False
-
-    def to_value(self) -> dict[str, Any]:
-        return {"content": self.content, "stop_reason": self.stop_reason, "usage": dict(self.usage),
-                "model": self.model, "final": self.final}
+#: One model turn in the shape `llm.complete` returns (the kernel's `Completion`).
+LLMTurn = Completion
 
 
 # --- secrets, prices and call records: the kernel's (it records every call) --------------------

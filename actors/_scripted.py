@@ -8,24 +8,17 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-
-@dataclass(frozen=True, slots=True)
-class ModelTurn:
-    content: list[dict[str, Any]]
-    stop_reason: str
-    usage: dict[str, int] = field(default_factory=lambda: {"input_tokens": 0, "output_tokens": 0})
-    model: str = "scripted"
-    final: bool = False
-
-    def to_value(self) -> dict[str, Any]:
-        return {"content": self.content, "stop_reason": self.stop_reason, "usage": dict(self.usage),
-                "model": self.model, "final": self.final}
+from agentlibos.bus._turn import Completion
 
 
-END_TURN = ModelTurn(content=[{"type": "text", "text": ""}], stop_reason="end_turn", final=True)
+#: A scripted model turn (the kernel's `Completion`; scripted turns say model "scripted").
+ModelTurn = Completion
+
+
+END_TURN = ModelTurn(content=[{"type": "text", "text": ""}], stop_reason="end_turn", model="scripted", final=True)
 
 
 @dataclass(slots=True)
@@ -90,7 +83,7 @@ class ScriptedModel:
                 cur = self._cursors[pid] = _Cursor(name if name in self.scripts else None)
             if cur.explicit_call_pending:
                 cur.explicit_call_pending = False
-                return ModelTurn(content=[{"type": "text", "text": ""}], stop_reason="end_turn")
+                return ModelTurn(content=[{"type": "text", "text": ""}], stop_reason="end_turn", model="scripted")
         steps = self.scripts.get(cur.script, []) if cur.script else []
         while cur.index < len(steps) and "operator" in steps[cur.index]:
             idx = cur.index
@@ -112,5 +105,6 @@ class ScriptedModel:
         return ModelTurn(
             content=[{"type": "tool_use", "id": f"toolu_{pid}_{idx}", "name": step["tool"], "input": args}],
             stop_reason="tool_use",
+            model="scripted",
             final=cur.index >= len(steps),
         )

@@ -7,6 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from agentlibos.bus._turn import Completion
+
+__all__ = ["Completion", "CompletionRequest", "ModelBackend"]
+
 
 @dataclass(frozen=True, slots=True)
 class CompletionRequest:
@@ -17,25 +21,6 @@ class CompletionRequest:
     tools: list[dict[str, Any]] = field(default_factory=list)
     system: str | None = None
     max_tokens: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Completion:
-    content: list[dict[str, Any]]
-    stop_reason: str
-    usage: dict[str, int] = field(default_factory=lambda: {"input_tokens": 0, "output_tokens": 0})
-    model: str = ""
-    #: The model has nothing after the tool results of this turn (a script that ran out).
-    final: bool = False
-
-    def to_value(self) -> dict[str, Any]:
-        return {
-            "content": self.content,
-            "stop_reason": self.stop_reason,
-            "usage": dict(self.usage),
-            "model": self.model,
-            "final": self.final,
-        }
 
 
 class ModelBackend(Protocol):
