@@ -36,7 +36,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
 
 from agentlibos.actors import ScriptedModel
 from agentlibos.bus import KernelError, Reply
@@ -50,6 +49,7 @@ from agentlibos.harness._libos import (
 from agentlibos.harness._results import RunResult, StepResult
 from agentlibos.harness._scenario import BUILTIN_TOOLS, ROOT_IMAGE, Scenario
 from agentlibos.harness._world import World
+from agentlibos.kernel._kagent import read_skill_folder
 
 #: World kinds the baselines have no client for (the runtime itself supports them).
 UNSUPPORTED_WORLD = ("mcp",)
@@ -649,25 +649,9 @@ class _Wrapper:
     def _read_skill(self, name: Any) -> dict[str, Any]:
         if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
             raise _err("EINVAL", f"bad Skill name {name!r}")
-        folder = self.world.skills_dir / name
-        try:
-            text = (folder / "SKILL.md").read_text()
-        except OSError:
-            raise _err("ENOENT", f"no Skill {name!r} is installed") from None
-        meta: dict[str, Any] = {}
-        body = text
-        if text.startswith("---"):
-            head, sep, rest = text[3:].partition("\n---")
-            if sep:
-                loaded = yaml.safe_load(head)
-                meta = loaded if isinstance(loaded, dict) else {}
-                body = rest.lstrip("\n")
-        tools = []
-        for ts in sorted((folder / "tools").glob("*.ts")):
-            side = ts.with_suffix(".json")
-            info = json.loads(side.read_text()) if side.exists() else {}
-            tools.append({"name": ts.stem, "description": info.get("description", ""),
-                          "input_schema": info.get("input_schema") or {"type": "object"}, "source": ts.read_text()})
+        meta, body, tools = read_skill_folder(self.world.skills_dir / name, name)
+        for t in tools:
+            t["input_schema"] = t["input_schema"] or {"type": "object"}
         return {"name": name, "description": str(meta.get("description", "")), "instructions": body.strip(),
                 "tools": tools}
 

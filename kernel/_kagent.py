@@ -22,6 +22,41 @@ from agentlibos.kernel._table import NOT_YET, SYSCALLS, SyscallSpec, tool_name
 from agentlibos.storage import digest
 
 TOOL_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
+def read_skill_folder(folder: Path, name: str) -> tuple[dict[str, Any], str, list[dict[str, Any]]]:
+    """A Skill as installed: SKILL.md's front matter and body, and tools/*.ts (each with an
+    optional .json sidecar for its description and input schema). Unchecked; KernelError
+    ENOENT/EINVAL when it is missing or malformed."""
+    try:
+        text = (folder / "SKILL.md").read_text()
+    except OSError:
+        raise KernelError("ENOENT", f"no Skill {name!r} is installed") from None
+    meta: dict[str, Any] = {}
+    body = text
+    if text.startswith("---"):
+        head, sep, rest = text[3:].partition("\n---")
+        if sep:
+            try:
+                loaded = yaml.safe_load(head)
+            except yaml.YAMLError as exc:
+                raise KernelError("EINVAL", f"Skill {name!r}: bad front matter: {exc}") from None
+            meta = loaded if isinstance(loaded, dict) else {}
+            body = rest.lstrip("\n")
+    tools = []
+    tools_dir = folder / "tools"
+    if tools_dir.is_dir():
+        for ts in sorted(tools_dir.glob("*.ts")):
+            info: dict[str, Any] = {}
+            side = ts.with_suffix(".json")
+            if side.exists():
+                try:
+                    info = json.loads(side.read_text())
+                except ValueError as exc:
+                    raise KernelError("EINVAL", f"Skill {name!r}: {side.name}: {exc}") from None
+            tools.append({"name": ts.stem, "description": info.get("description", ""),
+                          "input_schema": info.get("input_schema"), "source": ts.read_text()})
+    return meta, body, tools
+
+
 SKILL_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 BUILTIN_TOOL_NAMES = frozenset(tool_name(n) for n in SYSCALLS) | frozenset(tool_name(n) for n in NOT_YET)
 
@@ -169,34 +204,9 @@ class AgentMixin(CapsMixin):
         if not isinstance(name, str) or not SKILL_NAME.fullmatch(name):
             raise KernelError("EINVAL", f"skill name {name!r} must match {SKILL_NAME.pattern}")
         folder = self._skills_dir() / name
-        try:
-            text = (folder / "SKILL.md").read_text()
-        except OSError:
-            raise KernelError("ENOENT", f"no Skill {name!r} is installed") from None
-        meta: dict[str, Any] = {}
-        body = text
-        if text.startswith("---"):
-            head, sep, rest = text[3:].partition("\n---")
-            if sep:
-                try:
-                    loaded = yaml.safe_load(head)
-                except yaml.YAMLError as exc:
-                    raise KernelError("EINVAL", f"Skill {name!r}: bad front matter: {exc}") from None
-                meta = loaded if isinstance(loaded, dict) else {}
-                body = rest.lstrip("\n")
-        tools = []
-        tools_dir = folder / "tools"
-        if tools_dir.is_dir():
-            for ts in sorted(tools_dir.glob("*.ts")):
-                info: dict[str, Any] = {}
-                side = ts.with_suffix(".json")
-                if side.exists():
-                    try:
-                        info = json.loads(side.read_text())
-                    except ValueError as exc:
-                        raise KernelError("EINVAL", f"Skill {name!r}: {side.name}: {exc}") from None
-                tool = self._check_tool(ts.stem, info.get("description", ""), info.get("input_schema"), ts.read_text())
-                tools.append({"name": ts.stem, **tool})
+        meta, body, raw_tools = read_skill_folder(folder, name)
+        tools = [{"name": t["name"], **self._check_tool(t["name"], t["description"], t["input_schema"], t["source"])}
+                 for t in raw_tools]
         return {"name": str(meta.get("name", name)), "description": str(meta.get("description", "")),
                 "instructions": body.strip(), "tools": tools}
 
