@@ -16,7 +16,7 @@ from collections import defaultdict, deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import PurePath
-from typing import Any
+from typing import Any, Self
 
 from agentlibos.bus import KernelError, NondeterminismError
 from agentlibos.bus._observe import redact
@@ -88,7 +88,45 @@ def _dump(obj: Any) -> dict[str, Any]:
 
 # --- Anthropic ---------------------------------------------------------------------------------
 
-class AnthropicModel:
+class _SdkModel:
+    """What the SDK adapters share: the client they own, the secret to keep out of errors, and
+    SDK exceptions mapped to ABI errors."""
+
+    provider = "model provider"
+    _sdk: Any
+    client: Any
+    _owns_client: bool
+    _api_key: str | None
+    base_url: str
+    timeout_s: float
+
+    def _adopt(self, client: Any, api_key: str | None, base_url: str | None) -> None:
+        self.client = client
+        self._api_key = _secret(getattr(client, "api_key", None)) or api_key
+        self.base_url = str(getattr(client, "base_url", base_url or ""))
+
+    def _create(self, create: Any, kw: dict[str, Any]) -> Any:
+        try:
+            return create(**kw)
+        except Exception as exc:
+            err = _map_error(self._sdk, exc, provider=self.provider, url=self.base_url, timeout_s=self.timeout_s,
+                             secrets=[self._api_key])
+            if err is None:
+                raise
+            raise err from None
+
+    def close(self) -> None:
+        if self._owns_client:
+            self.client.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AnthropicModel(_SdkModel):
     """`llm.complete` on the Anthropic Messages API (the `anthropic` SDK).
 
     Register it under the prefix `anthropic` and spawn with `model="anthropic:claude-..."`; the
@@ -114,19 +152,7 @@ class AnthropicModel:
             if not (client.api_key or getattr(client, "auth_token", None)):
                 client.close()
                 raise KernelError("EINVAL", "AnthropicModel needs an API key: pass api_key or set ANTHROPIC_API_KEY")
-        self.client = client
-        self._api_key = _secret(getattr(client, "api_key", None)) or api_key
-        self.base_url = str(getattr(client, "base_url", base_url or ""))
-
-    def close(self) -> None:
-        if self._owns_client:
-            self.client.close()
-
-    def __enter__(self) -> AnthropicModel:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        self._adopt(client, api_key, base_url)
 
     def params(self, request: Any) -> dict[str, Any]:
         """The keyword arguments of `messages.create` for a CompletionRequest."""
@@ -144,14 +170,7 @@ class AnthropicModel:
 
     def complete(self, request: Any) -> LLMTurn:
         kw = self.params(request)
-        try:
-            msg = self.client.messages.create(**kw)
-        except Exception as exc:
-            err = _map_error(self._sdk, exc, provider=self.provider, url=self.base_url, timeout_s=self.timeout_s,
-                             secrets=[self._api_key])
-            if err is None:
-                raise
-            raise err from None
+        msg = self._create(self.client.messages.create, kw)
         content: list[dict[str, Any]] = []
         for block in msg.content:
             b = _dump(block)
@@ -198,7 +217,7 @@ _FINISH = {"tool_calls": "tool_use", "function_call": "tool_use", "stop": "end_t
            "content_filter": "refusal"}
 
 
-class OpenAIChatModel:
+class OpenAIChatModel(_SdkModel):
     """`llm.complete` on any OpenAI-compatible `/chat/completions` endpoint (vLLM, llama.cpp,
     Ollama, OpenAI itself) through the `openai` SDK (the `openai` extra).
 
@@ -226,19 +245,7 @@ class OpenAIChatModel:
             except openai.OpenAIError as exc:
                 raise KernelError("EINVAL", "OpenAIChatModel needs an API key: pass api_key (any string for a "
                                   f"server without auth) or set OPENAI_API_KEY ({exc})") from None
-        self.client = client
-        self._api_key = _secret(getattr(client, "api_key", None)) or api_key
-        self.base_url = str(getattr(client, "base_url", base_url or ""))
-
-    def close(self) -> None:
-        if self._owns_client:
-            self.client.close()
-
-    def __enter__(self) -> OpenAIChatModel:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        self._adopt(client, api_key, base_url)
 
     def params(self, request: Any) -> dict[str, Any]:
         """The keyword arguments of `chat.completions.create` for a CompletionRequest."""
@@ -259,14 +266,7 @@ class OpenAIChatModel:
 
     def complete(self, request: Any) -> LLMTurn:
         kw = self.params(request)
-        try:
-            resp = self.client.chat.completions.create(**kw)
-        except Exception as exc:
-            err = _map_error(self._sdk, exc, provider=self.provider, url=self.base_url, timeout_s=self.timeout_s,
-                             secrets=[self._api_key])
-            if err is None:
-                raise
-            raise err from None
+        resp = self._create(self.client.chat.completions.create, kw)
         if not resp.choices:
             raise KernelError("EIO", f"{self.provider} returned no choices")
         choice = resp.choices[0]
