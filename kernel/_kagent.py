@@ -9,7 +9,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import yaml  # type: ignore[import-untyped]
 
 from agentlibos.bus import KernelError
@@ -89,12 +88,7 @@ class AgentMixin(CapsMixin):
                 raise KernelError("ENOENT", f"no key {key!r} in namespace {ns!r}")
             return Outcome.allow(cap, value={"value": store[key]})
         if op == "put":
-            try:
-                size = len(msgpack.packb(args["value"], use_bin_type=True))
-            except Exception:
-                raise KernelError("EINVAL", "the value is not msgpack-serializable") from None
-            if size > self.config.mem_value_max_bytes:
-                raise KernelError("EINVAL", f"value of {size} bytes exceeds the {self.config.mem_value_max_bytes}-byte limit")
+            self._check_value_size(args["value"], "value")
             full = store is not None and key not in store and len(store) >= self.config.mem_keys_max
             if full:
                 raise KernelError("EINVAL", f"namespace {ns!r} is full ({self.config.mem_keys_max} keys)")

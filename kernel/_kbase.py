@@ -8,6 +8,7 @@ import collections
 import concurrent.futures
 from typing import TYPE_CHECKING, Any
 
+import msgpack
 import pykka
 import zmq
 
@@ -71,6 +72,17 @@ class KernelBase(pykka.ThreadingActor):
     _executor: concurrent.futures.ThreadPoolExecutor
     _routers: RouterSet
     _pub: Publisher
+
+    def _check_value_size(self, value: Any, what: str) -> int:
+        """A value a process stores or sends (memory, messages) must encode, within the size limit;
+        returns its encoded size."""
+        try:
+            size = len(msgpack.packb(value, use_bin_type=True))
+        except Exception:
+            raise KernelError("EINVAL", f"the {what} is not msgpack-serializable") from None
+        if size > self.config.mem_value_max_bytes:
+            raise KernelError("EINVAL", f"{what} of {size} bytes exceeds the {self.config.mem_value_max_bytes}-byte limit")
+        return size
 
     if TYPE_CHECKING:  # defined on Kernel: the clock, the log, replies and the request path
         def clock(self) -> float: ...

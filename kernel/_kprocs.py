@@ -11,7 +11,6 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-import msgpack
 import pykka
 
 from agentlibos.bus import Command, KernelError, Topic
@@ -327,12 +326,7 @@ class ProcsMixin(CapsMixin):
         cap = self._authorize(proc, "msg", handle, now, covers, f"sending to {to!r} on {queue!r}")
         if target is None or target.state not in LIVE:
             raise KernelError("ENOENT", f"no live process {to!r}")
-        try:
-            size = len(msgpack.packb(args["payload"], use_bin_type=True))
-        except Exception:
-            raise KernelError("EINVAL", "the payload is not msgpack-serializable") from None
-        if size > self.config.mem_value_max_bytes:
-            raise KernelError("EINVAL", f"payload of {size} bytes exceeds the {self.config.mem_value_max_bytes}-byte limit")
+        size = self._check_value_size(args["payload"], "payload")
         message = {"from": proc.pid, "queue": queue, "payload": args["payload"]}
         waiting = self._receivers.get((target.pid, queue))
 
