@@ -100,6 +100,14 @@ class _SdkModel:
     base_url: str
     timeout_s: float
 
+    def _setup(self, sdk: Any, *, default_max_tokens: int | None, timeout_s: float, prefix: str | None,
+               client: Any) -> None:
+        self._sdk = sdk
+        self.default_max_tokens = default_max_tokens
+        self.timeout_s = float(timeout_s)
+        self.prefix = prefix
+        self._owns_client = client is None
+
     def _adopt(self, client: Any, api_key: str | None, base_url: str | None) -> None:
         self.client = client
         self._api_key = _secret(getattr(client, "api_key", None)) or api_key
@@ -140,11 +148,8 @@ class AnthropicModel(_SdkModel):
                  client: Any = None, timeout_s: float = 60, max_retries: int = 0, prefix: str | None = "anthropic") -> None:
         import anthropic
 
-        self._sdk = anthropic
-        self.default_max_tokens = default_max_tokens
-        self.timeout_s = float(timeout_s)
-        self.prefix = prefix
-        self._owns_client = client is None
+        self._setup(anthropic, default_max_tokens=default_max_tokens, timeout_s=timeout_s, prefix=prefix,
+                    client=client)
         if client is None:
             # api_key None: the SDK reads ANTHROPIC_API_KEY (and ANTHROPIC_BASE_URL for base_url None).
             client = anthropic.Anthropic(api_key=api_key, base_url=base_url, timeout=self.timeout_s,
@@ -233,11 +238,7 @@ class OpenAIChatModel(_SdkModel):
             import openai
         except ImportError as exc:  # pragma: no cover - depends on the extra
             raise ImportError("OpenAIChatModel needs the openai SDK: pip install 'agent-libos[openai]'") from exc
-        self._sdk = openai
-        self.default_max_tokens = default_max_tokens
-        self.timeout_s = float(timeout_s)
-        self.prefix = prefix
-        self._owns_client = client is None
+        self._setup(openai, default_max_tokens=default_max_tokens, timeout_s=timeout_s, prefix=prefix, client=client)
         if client is None:
             try:  # api_key None: the SDK reads OPENAI_API_KEY
                 client = openai.OpenAI(api_key=api_key, base_url=base_url, timeout=self.timeout_s,
