@@ -30,8 +30,6 @@ _CALL_ID = re.compile(r"^toolu_(\d+)_(\d+)$")
 _VAR = re.compile(r"^\$([A-Za-z_][A-Za-z0-9_]*)((?:\.[A-Za-z0-9_]+)*)$")
 _TEMPLATE = re.compile(r"\$\{([^}]+)\}")
 
-UNSUPPORTED_WORLD: tuple[str, ...] = ()
-
 
 def outcome_of(reply: Reply) -> tuple[str, str | None]:
     if reply.ok:
@@ -315,10 +313,6 @@ def run_libos(scenario: Scenario, *, keep_state: str | None = None,
     system = "libos" + "".join(f"-no-{a}" for a in ablate)
     result = RunResult(scenario=scenario.id, system=system, tags=scenario.tags)
     started = time.monotonic()
-    for kind in UNSUPPORTED_WORLD:
-        if scenario.world.get(kind):
-            result.error = f"world.{kind} is not supported by this runtime yet"
-            return result
     world = World(scenario).build()
     judge = Judge(scenario, world)
     scripted = ScriptedModel(scenario.scripts(), on_step=judge.on_step, on_operator=judge.on_operator,
