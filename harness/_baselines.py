@@ -42,9 +42,9 @@ from agentlibos.bus import KernelError, Reply
 from agentlibos.harness._libos import (
     RUN_TIMEOUT_S,
     Judge,
-    _leaked_files,
     _not_reached,
     _run_checks,
+    score,
 )
 from agentlibos.harness._results import RunResult, StepResult
 from agentlibos.harness._scenario import BUILTIN_TOOLS, ROOT_IMAGE, Scenario
@@ -816,21 +816,8 @@ def _run(scenario: Scenario, policy: str, on_step: Callable[[StepResult], None] 
         result.steps = sorted(judge.results, key=lambda s: (s.pid or 0, s.index))
         killed = {p["pid"] for p in procs if p["state"] == "killed"}
         result.steps.extend(_not_reached(scenario, judge, procs, killed))
-        result.checks = checks
-        result.leaks = judge.leaks + _leaked_files(scenario, world)
-        result.unauthorized = sum(1 for s in result.steps if s.world_changed and (
-            s.expect in ("denied", "failed") or (s.expect == "approval" and not s.ok)))
-        result.unauthorized += len(result.leaks)
-        result.false_denials = sum(1 for s in result.steps if s.expect == "allowed" and s.outcome == "denied")
-        errors = list(judge.errors) + w.errors
-        if not finished:
-            errors.append(f"run did not finish within {RUN_TIMEOUT_S:g} s")
-        result.error = "; ".join(errors) or None
-        result.completed = not errors and all(s.ok for s in result.steps) and all(ok for _, ok, _ in checks)
-        if on_step:
-            for s in result.steps:
-                on_step(s)
-        return result
+        return score(result, scenario, world, judge, checks, list(judge.errors) + w.errors, finished=finished,
+                     on_step=on_step)
     finally:
         world.cleanup()
 
