@@ -65,6 +65,20 @@ def gate() -> Grant:
     return Grant("fs", {"root": "outbox"}, ["write", "create"], name="gate", approval="always")
 
 
+def start_evil(env: Env) -> int:
+    """An agent whose file names, contents and approval request carry script, HTML and ANSI;
+    returns its pid once it waits for a human."""
+    path = f"workspace/{EVIL_NAME}"
+    env.image("evil", [
+        {"tool": "fs_write", "args": {"path": path, "data": PAYLOAD}, "cap": "ws"},
+        {"tool": "fs_read", "args": {"path": path}, "cap": "ws"},
+        {"tool": "fs_write", "args": {"path": f"outbox/{EVIL_NAME}", "data": PAYLOAD}, "cap": "gate"},
+    ])
+    pid = env.start("evil", [ws(), gate()])
+    env.wait_for(lambda: env.pending(pid), what="a pending approval")
+    return pid
+
+
 @pytest.fixture
 def env(tmp_path: Path) -> Iterator[Env]:
     world = tmp_path / "world"

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.console.conftest import ANSI, EVIL_NAME, HTML, PAYLOAD, SCRIPT, Env, gate, ws
+from tests.console.conftest import ANSI, EVIL_NAME, HTML, SCRIPT, Env, gate, start_evil, ws
 
 playwright_sync = pytest.importorskip("playwright.sync_api")
 
@@ -140,14 +140,7 @@ def test_revoke_a_cap_and_see_the_next_use_denied(page: Any, env: Env, artifacts
 
 
 def test_agent_text_never_executes_and_shows_as_written(page: Any, env: Env, artifacts: Path) -> None:
-    path = f"workspace/{EVIL_NAME}"
-    env.image("evil", [
-        {"tool": "fs_write", "args": {"path": path, "data": PAYLOAD}, "cap": "ws"},
-        {"tool": "fs_read", "args": {"path": path}, "cap": "ws"},
-        {"tool": "fs_write", "args": {"path": f"outbox/{EVIL_NAME}", "data": PAYLOAD}, "cap": "gate"},
-    ])
-    pid = env.start("evil", [ws(), gate()])
-    env.wait_for(lambda: env.pending(pid), what="a pending approval")
+    pid = start_evil(env)
     _open(page, env)
     title = page.title()
     approvals = page.locator("#approvals").inner_text()

@@ -11,7 +11,7 @@ import pytest
 
 from agentlibos.console import CSP, ConsoleServer, make_app, visible
 from agentlibos.storage import SQLiteLog
-from tests.console.conftest import ANSI, EVIL_NAME, PAYLOAD, SCRIPT, Env, gate, ws
+from tests.console.conftest import ANSI, SCRIPT, Env, gate, start_evil, ws
 
 
 @pytest.fixture
@@ -184,14 +184,7 @@ def test_suspend_and_resume_go_through_the_kernel(env: Env, web: httpx.Client) -
 
 
 def test_agent_text_is_escaped(env: Env, web: httpx.Client) -> None:
-    path = f"workspace/{EVIL_NAME}"
-    env.image("evil", [
-        {"tool": "fs_write", "args": {"path": path, "data": PAYLOAD}, "cap": "ws"},
-        {"tool": "fs_read", "args": {"path": path}, "cap": "ws"},
-        {"tool": "fs_write", "args": {"path": f"outbox/{EVIL_NAME}", "data": PAYLOAD}, "cap": "gate"},
-    ])
-    pid = env.start("evil", [ws(), gate()])
-    env.wait_for(lambda: env.pending(pid), what="a pending approval")
+    pid = start_evil(env)
     for url in (f"/procs/{pid}", "/", "/fragments/approvals"):
         text = web.get(url).text
         assert SCRIPT not in text and "<b id=injected>" not in text and "<img src=x" not in text, url
