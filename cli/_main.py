@@ -30,7 +30,7 @@ from agentlibos.harness import (
     write_report,
 )
 from agentlibos.cli._agentdojo import bench_agentdojo
-from agentlibos.kernel._kstate import LIVE
+from agentlibos.kernel import LIVE
 from agentlibos.storage import LogEntry, RetentionPolicy, SQLiteLog
 
 DEFAULT_STATE = ".agentlibos"

@@ -49,7 +49,7 @@ from agentlibos.harness._libos import (
 from agentlibos.harness._results import RunResult, StepResult
 from agentlibos.harness._scenario import BUILTIN_TOOLS, ROOT_IMAGE, Scenario
 from agentlibos.harness._world import World
-from agentlibos.kernel._kagent import read_skill_folder
+from agentlibos.kernel import read_skill_folder
 
 #: World kinds the baselines have no client for (the runtime itself supports them).
 UNSUPPORTED_WORLD = ("mcp",)

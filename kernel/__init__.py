@@ -4,7 +4,8 @@ from agentlibos.kernel._budget import DIMENSIONS, BudgetNode, BudgetTree, parse_
 from agentlibos.kernel._caps import KIND_RIGHTS, KINDS, CapRecord, CapTable, Narrow, scope_within, validate_scope
 from agentlibos.kernel._config import KernelConfig
 from agentlibos.kernel._inbox import Inbound
-from agentlibos.kernel._kernel import EffectDone, Inspect, Kernel
+from agentlibos.kernel._kagent import read_skill_folder
+from agentlibos.kernel._kernel import LIVE, EffectDone, Inspect, Kernel
 from agentlibos.kernel._mcp import McpToolChange, make_mcp_provider, mcp_within, tool_hash
 from agentlibos.kernel._models import Completion, CompletionRequest, ModelBackend
 from agentlibos.kernel._provider import CallInfo, Provider
@@ -15,6 +16,8 @@ from agentlibos.kernel._table import ADDITIONS, NOT_YET, SYSCALLS, ArgSpec, Sysc
 
 __all__ = [
     "ADDITIONS",
+    "LIVE",
+    "read_skill_folder",
     "ArgSpec",
     "BudgetNode",
     "BudgetTree",
