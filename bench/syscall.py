@@ -1,7 +1,14 @@
 """Mediated syscall throughput and latency against a raw ZeroMQ echo and a direct call, same run.
 
 Usage: python bench/syscall.py [--seconds S] [--clients 1,4] [--transports inproc,ipc] [--ops mem.get,fs.read]
-Prints one JSON object: {"results": [...], "ratios": {"<op>/<transport>/<clients>": mediated/raw}}.
+Prints one JSON object: {"results": [...], "ratios": {"<op>/<transport>/<clients>": mediated/raw},
+"floor_ratios": {...: logged/raw}, "bare_ratios": {...: logged-bare/raw}}.
+
+Modes: `direct` (the effect, unmediated), `raw` (a ZeroMQ echo), `logged` (the echo, but each
+request is appended to the project's SQLite log and acknowledged after its group commit, as the
+kernel does, with no decision at all), `logged-bare` (the same with one plain sqlite3 row per
+request: the most any kernel that acknowledges after a durable SQLite commit could reach here)
+and `mediated` (the kernel).
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import sqlite3
 import sys
 import tempfile
 import threading
@@ -133,13 +141,62 @@ class Echo:
         self._ready.set()
         while not self._stop.is_set():
             if r.poll(100):
-                ident, _frame = r.recv_multipart()
-                r.send_multipart([ident, self.reply])
+                self._round(r)
         r.close(0)
+
+    def _round(self, r: zmq.Socket[Any]) -> None:
+        ident, _frame = r.recv_multipart()
+        r.send_multipart([ident, self.reply])
 
     def close(self) -> None:
         self._stop.set()
         self.t.join()
+
+
+class LoggedEcho(Echo):
+    """The echo, plus what durability costs by itself: each request is staged in the project's
+    SQLite log (WAL, synchronous=FULL, hash chain) and answered after the commit of the batch that
+    drained the socket, the kernel's group commit without any decision. `bare`: one plain
+    sqlite3 row per request instead, the least any SQLite-logged kernel can do."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, path: Path, *, bare: bool = False) -> None:
+        from agentlibos.storage import SQLiteLog
+
+        self.bare = bare
+        if bare:
+            self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.execute("CREATE TABLE log (seq INTEGER PRIMARY KEY, body BLOB)")
+        else:
+            self.log = SQLiteLog(path)
+        super().__init__(ctx, endpoint)
+
+    def _round(self, r: zmq.Socket[Any]) -> None:
+        batch = []
+        while True:
+            try:
+                batch.append(r.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                break
+        if self.bare:
+            self.db.execute("BEGIN")
+            self.db.executemany("INSERT INTO log (body) VALUES (?)", [(frame,) for _ident, frame in batch])
+            self.db.execute("COMMIT")
+        else:
+            for _ident, frame in batch:
+                req = msgpack.unpackb(frame)
+                self.log.stage("sys", {"sys": req["sys"], "decision": "allow"}, pid=1, payload=req["args"])
+            self.log.flush()
+        for ident, _frame in batch:
+            r.send_multipart([ident, self.reply])
+
+    def close(self) -> None:
+        super().close()
+        if self.bare:
+            self.db.close()
+        else:
+            self.log.close()
 
 
 def main() -> None:
@@ -154,6 +211,8 @@ def main() -> None:
 
     results: list[dict[str, Any]] = []
     ratios: dict[str, float] = {}
+    floor_ratios: dict[str, float] = {}
+    bare_ratios: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="alo-bench-") as tmp:
         world = Path(tmp) / "world"
         (world / "ws").mkdir(parents=True)
@@ -182,23 +241,38 @@ def main() -> None:
                 echo_ep = (f"inproc://bench-echo-{os.getpid()}" if transport == "inproc"
                            else f"ipc://{tmp}/echo.sock")
                 echo = Echo(rt.context, echo_ep)
+                logged_ep, bare_ep = echo_ep + "-logged", echo_ep + "-bare"
+                logged_echo = LoggedEcho(rt.context, logged_ep, Path(tmp) / f"floor-{transport}.db")
+                bare_echo = LoggedEcho(rt.context, bare_ep, Path(tmp) / f"bare-{transport}.db", bare=True)
                 try:
                     for n in (int(x) for x in opts.clients.split(",")):
                         for op in opts.ops.split(","):
                             wall, lats = _drive(echo_ep, [None] * n, op, opts.seconds, transport, rt.context)
                             raw = _row(op, transport, n, "raw", wall, lats)
+                            wall, lats = _drive(bare_ep, [None] * n, op, opts.seconds, transport, rt.context)
+                            bare = _row(op, transport, n, "logged-bare", wall, lats)
+                            wall, lats = _drive(logged_ep, [None] * n, op, opts.seconds, transport, rt.context)
+                            floor = _row(op, transport, n, "logged", wall, lats)
                             wall, lats = _drive(endpoint, tokens[:n], op, opts.seconds, transport, rt.context)
                             med = _row(op, transport, n, "mediated", wall, lats)
-                            results += [raw, med]
-                            ratios[f"{op}/{transport}/{n}"] = round(med["rate_per_s"] / raw["rate_per_s"], 3)
+                            results += [raw, bare, floor, med]
+                            key = f"{op}/{transport}/{n}"
+                            ratios[key] = round(med["rate_per_s"] / raw["rate_per_s"], 3)
+                            floor_ratios[key] = round(floor["rate_per_s"] / raw["rate_per_s"], 3)
+                            bare_ratios[key] = round(bare["rate_per_s"] / raw["rate_per_s"], 3)
                             print(f"{op:8} {transport:6} clients={n}: mediated {med['rate_per_s']:>8}/s "
                                   f"p50 {med['p50_us']}us p99 {med['p99_us']}us | raw {raw['rate_per_s']:>8}/s "
-                                  f"-> {ratios[f'{op}/{transport}/{n}']:.0%}", file=sys.stderr)
+                                  f"-> {ratios[key]:.0%} | logged echo {floor['rate_per_s']:>8}/s "
+                                  f"-> {floor_ratios[key]:.0%} | bare sqlite echo {bare['rate_per_s']:>8}/s "
+                                  f"-> {bare_ratios[key]:.0%}", file=sys.stderr)
                 finally:
                     echo.close()
+                    logged_echo.close()
+                    bare_echo.close()
             with rt.log.__class__.open_readonly(Path(tmp) / "state" / "log.db") as log:
                 entries = log.head()[0]
-    print(json.dumps({"results": results, "ratios": ratios, "log_entries": entries}))
+    print(json.dumps({"results": results, "ratios": ratios, "floor_ratios": floor_ratios,
+                      "bare_ratios": bare_ratios, "log_entries": entries}))
 
 
 if __name__ == "__main__":

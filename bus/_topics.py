@@ -27,7 +27,7 @@ class Topic:
 
     @classmethod
     def audit(cls) -> Topic:
-        return cls("audit/")
+        return _AUDIT
 
     @classmethod
     def proc(cls, pid: int) -> Topic:
@@ -40,6 +40,9 @@ class Topic:
     @classmethod
     def llm(cls) -> Topic:
         return cls("llm/")
+
+
+_AUDIT = Topic("audit/")
 
 
 def encode_event(topic: Topic, body: dict[str, Any]) -> bytes:

@@ -30,6 +30,7 @@ from agentlibos.harness import (
     write_report,
 )
 from agentlibos.cli._agentdojo import bench_agentdojo
+from agentlibos.cli._procs import COMMANDS as PROC_COMMANDS
 from agentlibos.kernel import LIVE
 from agentlibos.storage import LogEntry, RetentionPolicy, SQLiteLog
 
@@ -507,6 +508,10 @@ def deadline_cmd(pid: int, seconds: float | None, state: str) -> None:
     console.print(f"process {pid}: " + (f"deadline in {seconds:g} s" if seconds is not None else "no deadline"))
 
 
+for _cmd in PROC_COMMANDS:  # spawn, kill, wait, caps, grant, revoke, budget, mem (cli/_procs.py)
+    main.add_command(_cmd)
+
+
 # --- images ------------------------------------------------------------------------------------
 
 IMAGE_FIELDS = {"name", "prompt", "tools", "skills", "jit_tools", "model", "budget"}
@@ -523,8 +528,8 @@ def image_group() -> None:
 def image_add(file: str, state: str) -> None:
     """Register the image described by a YAML FILE (name, prompt, tools, skills, jit_tools, model, budget).
 
-    The registration is an operator request through the kernel of --state (started for the
-    occasion when none is running there) and is recorded in its log.
+    The registration is an operator request through the kernel running on --state (or one
+    started for the occasion when none is) and is recorded in its log.
     """
     import yaml
 
@@ -544,11 +549,16 @@ def image_add(file: str, state: str) -> None:
     from agentlibos.bus import KernelError
     from agentlibos.runtime import Runtime
 
+    args = {"name": data["name"], "prompt": data.get("prompt", ""), "tools": list(data.get("tools") or []),
+            "skills": list(data.get("skills") or []), "jit_tools": dict(data.get("jit_tools") or {})}
+    args.update({k: data[k] for k in ("model", "budget") if data.get(k) is not None})
+    if _kernel_running(Path(state)):
+        digest = _op_call(state, "op.image.register", args)["digest"]
+        console.print(f"registered image [bold]{escape(data['name'])}[/bold] sha256:{digest}")
+        return
     try:
         with Runtime(state, ipc=False) as rt:
-            digest = rt.register_image(data["name"], prompt=data.get("prompt", ""), tools=data.get("tools", []),
-                                       model=data.get("model"), budget=data.get("budget"),
-                                       skills=data.get("skills", []), jit_tools=data.get("jit_tools"))
+            digest = rt.operator.call("op.image.register", args)["digest"]
     except KernelError as exc:
         err.print(f"[red]error:[/red] {escape(str(exc))}")
         sys.exit(1)

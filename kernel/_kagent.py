@@ -69,11 +69,9 @@ class AgentMixin(CapsMixin):
         right = spec.rights[0]
         cap = self._authorize(proc, "memory", handle, now,
                               lambda c: c.scope["namespace"] == ns and right in c.rights,
-                              f"{spec.name} in namespace {ns!r}")
-        store_key = f"self:{cap.holder}" if ns == "self" else f"ns:{ns}"
-        if ns == "self":
-            # A `self` cap names the namespace of the process it was granted to.
-            store_key = f"self:{self._self_owner(cap)}"
+                              lambda: f"{spec.name} in namespace {ns!r}")
+        # A `self` cap names the namespace of the process it was granted to.
+        store_key = f"self:{self._self_owner(cap)}" if ns == "self" else f"ns:{ns}"
         store = self.memory.get(store_key)
         op = spec.name[4:]
         if op == "list":
@@ -111,8 +109,9 @@ class AgentMixin(CapsMixin):
 
     def _self_owner(self, cap: CapRecord) -> int:
         # A derived `self` cap passed to another process still names the original holder's space.
-        root = self.caps.chain(cap.id)[-1]
-        return root.holder
+        if cap.parent is None:
+            return cap.holder
+        return self.caps.chain(cap.id)[-1].holder
 
     # --- providers: llm ------------------------------------------------------------------------
     def _sys_llm(self, proc: Proc, spec: SyscallSpec, args: dict[str, Any], handle: str | None, now: float) -> Outcome:

@@ -19,8 +19,9 @@ class CapsMixin(KernelBase):
 
     # --- capability lookup ---------------------------------------------------------------------
     def _authorize(self, proc: Proc, kind: str, handle: str | None, now: float,
-                   covers: Callable[[CapRecord], bool], what: str = "this") -> CapRecord:
-        """The held capability that authorizes this; deny with the most telling code otherwise."""
+                   covers: Callable[[CapRecord], bool], what: str | Callable[[], str] = "this") -> CapRecord:
+        """The held capability that authorizes this; deny with the most telling code otherwise.
+        `what` names the request in a denial (a callable: built only when one is needed)."""
         if handle is not None:
             cap = self.caps.by_handle(proc.pid, handle)
             if cap is None:
@@ -31,7 +32,7 @@ class CapsMixin(KernelBase):
             if code is not None:
                 raise KernelError(code, f"{handle} is {'revoked' if code == 'EREVOKED' else 'expired or used up'}")
             if not covers(cap):
-                raise KernelError("EPERM", f"{handle} does not authorize {what}")
+                raise KernelError("EPERM", f"{handle} does not authorize {_named(what)}")
             return cap
         dead: str | None = None
         gated: CapRecord | None = None
@@ -53,9 +54,9 @@ class CapsMixin(KernelBase):
         if gated is not None:
             return gated
         if dead is not None:
-            raise KernelError(dead, f"the {kind} capability that covered {what} is "
+            raise KernelError(dead, f"the {kind} capability that covered {_named(what)} is "
                                     f"{'revoked' if dead == 'EREVOKED' else 'expired or used up'}")
-        raise KernelError("EPERM", f"no held {kind} capability authorizes {what}")
+        raise KernelError("EPERM", f"no held {kind} capability authorizes {_named(what)}")
 
     # --- providers: caps, budget ---------------------------------------------------------------
     def _sys_cap(self, proc: Proc, spec: SyscallSpec, args: dict[str, Any], handle: str | None, now: float) -> Outcome:
@@ -132,3 +133,7 @@ class CapsMixin(KernelBase):
 
     def _sys_budget(self, proc: Proc, spec: SyscallSpec, args: dict[str, Any], handle: str | None, now: float) -> Outcome:
         return Outcome.allow(None, value=self.budgets.nodes[proc.pid].view(now))
+
+
+def _named(what: str | Callable[[], str]) -> str:
+    return what if isinstance(what, str) else what()

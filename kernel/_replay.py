@@ -88,6 +88,7 @@ class _ReplayKernel(Kernel):
                          [make_rpc_provider({}), make_mcp_provider({}),
                           make_pty_provider(path=config.path, world_root=str(config.world_root), env={}),
                           *load_modules(config.modules, config)])
+        self._audit_events = False
         self._routers = _Nowhere()  # type: ignore[assignment]
         self._pub = _Nowhere()  # type: ignore[assignment]
         self.effects_by_decision: dict[int, int] = {}
@@ -183,6 +184,7 @@ def replay(entries: Iterable[LogEntry], payload_of: Any, config: KernelConfig) -
     staged: list[_Staged] = memory_log.entries
     report = ReplayReport()
     conns: dict[int, bytes] = {}
+    worldly: dict[Any, bool] = {}
     rid = 0
 
     def conn_of(pid: int) -> bytes:
@@ -206,12 +208,15 @@ def replay(entries: Iterable[LogEntry], payload_of: Any, config: KernelConfig) -
             k._handle(OPERATOR_CONN, Request(rid, body["sys"], payload(e), None, e.cause))
             return True
         if e.kind == "sys" and e.pid is not None:
-            args = payload(e)
+            args = full = payload(e)
             if body.get("decision") == "allow" and body.get("ok") is True and isinstance(args, dict) and "args" in args:
                 args = args["args"]
             rid += 1
-            world = str(body["sys"]).startswith(WORLD_DEPENDENT) or body["sys"] in k._ext
-            k.oracle = (body, payload(e)) if world else None
+            name = body["sys"]
+            world = worldly.get(name)
+            if world is None:
+                world = worldly[name] = str(name).startswith(WORLD_DEPENDENT) or name in k._ext
+            k.oracle = (body, full) if world else None
             try:
                 k._handle(conn_of(e.pid), Request(rid, body["sys"], args if isinstance(args, dict) else {},
                                                   body.get("asked_cap"), e.cause))
@@ -246,8 +251,12 @@ def replay(entries: Iterable[LogEntry], payload_of: Any, config: KernelConfig) -
         return False
 
     def flush() -> None:
-        out, k._out = k._out, Outputs()
-        k._release(out)
+        out = k._out
+        if out.effects:  # replies and events go nowhere; effects are matched with their results
+            k._out = Outputs()
+            k._release(out)
+        else:
+            out.commands.clear()
 
     k._flush = flush
     k._conns[OPERATOR_CONN] = Caller("operator", 0)

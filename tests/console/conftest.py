@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from agentlibos.actors import ScriptedModel
+from agentlibos.bus import Topic
 from agentlibos.console import ConsoleServer
 from agentlibos.runtime import Grant, Runtime
 from tests.conftest import REPO
@@ -46,14 +47,20 @@ class Env:
     def pending(self, pid: int | None = None) -> list[dict[str, Any]]:
         return [a for a in self.rt.operator.call("op.approvals")["approvals"] if pid is None or a["pid"] == pid]
 
-    def wait_for(self, predicate: Callable[[], Any], timeout_s: float = 15, what: str = "condition") -> Any:
+    def wait_for(self, predicate: Callable[[], Any], timeout_s: float = 15, what: str = "condition",
+                 topic: Topic = Topic.approval()) -> Any:
+        """PREDICATE's first truthy value, checked again on each kernel event on TOPIC (and every
+        half second, for an event sent before the subscription took hold)."""
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            time.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {what}")
+        with self.rt.events(topic) as events:
+            while True:
+                value = predicate()
+                if value:
+                    return value
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"timed out waiting for {what}")
+                events.next_event(min(left, 0.5))
 
 
 def ws() -> Grant:

@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from agentlibos.bus import KernelClient, Reply
+from agentlibos.bus import KernelClient, KernelError, Reply
 from agentlibos.kernel._kernel import LIVE
 from agentlibos.runtime import Grant, Runtime
 
@@ -674,12 +673,12 @@ class AuthorityMachine(RuleBasedStateMachine):
             self.model.exited(child)
 
     def wait_exit(self, pid: int, timeout_s: float = 20.0) -> str:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            state = self.inspect(lambda k: k.procs[pid].state)
-            if state not in LIVE or time.monotonic() > deadline:
-                return str(state)
-            time.sleep(0.002)
+        assert self.rt is not None
+        try:
+            self.rt.wait(pid, timeout_s=timeout_s)  # the kernel answers when the process ends
+        except KernelError as exc:
+            assert exc.code == "ETIMEDOUT", exc
+        return str(self.inspect(lambda k: k.procs[pid].state))
 
     # --- effects -------------------------------------------------------------------------------
     def fs_covered(self, pid: int, cap: str | None, req_path: str, target: tuple[str, ...], rights: set[str]) -> bool:
