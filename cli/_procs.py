@@ -12,44 +12,20 @@ from typing import Any, NoReturn
 
 import click
 import yaml
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from agentlibos.bus import BusError, KernelError
+from agentlibos.cli._common import _operator, console, err, state_option
+from agentlibos.cli._common import _op_call as _call
 from agentlibos.kernel import DIMENSIONS, LIVE
 
 __all__ = ["COMMANDS"]
 
-console = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
-
-# The --state of cli/_main.py's operator commands; that module imports this one, so it is spelt here too.
-state_option = click.option(
-    "--state", "state", default=".agentlibos", show_default=True, type=click.Path(file_okay=False),
-    help="State directory of the running kernel (it holds connection.json).",
-)
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the kernel's answer as JSON.")
 
-#: The fields of a grant on the wire (op.spawn's caps, op.grant): anything else is a typo the kernel would ignore.
+#: The fields of a grant on the wire (op.spawn's caps, op.grant): anything else is a typo.
 GRANT_FIELDS = ("kind", "scope", "rights", "approval", "expires_in_s", "uses", "name")
-
-
-# cli/_main.py imports this module, so its connection helpers are looked up when a command runs.
-
-
-def _operator(state: str) -> Any:
-    """An operator client for the kernel on STATE; exits 2, saying how to start one, if none runs."""
-    from agentlibos.cli._main import _operator as connect
-
-    return connect(state)
-
-
-def _call(state: str, sys_name: str, args: dict[str, Any]) -> Any:
-    """One operator request; a refusal prints the kernel's code and message and exits 1."""
-    from agentlibos.cli._main import _op_call
-
-    return _op_call(state, sys_name, args)
 
 
 def _refused(exc: KernelError) -> NoReturn:
