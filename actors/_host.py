@@ -13,11 +13,17 @@ import pykka
 import zmq
 
 from agentlibos.actors._jit import JitRunner
-from agentlibos.actors._messages import Input, ProcessSpec, Stop
+from agentlibos.actors._messages import Input, Park, ProcessSpec, Stop
 from agentlibos.actors._process import AgentProcess, ToolObserver
-from agentlibos.bus import Command, Hello, ProtocolError, Reply, decode
+from agentlibos.bus import Command, Hello, ProtocolError, Reply, Request, decode
 
 log = logging.getLogger("agentlibos.host")
+
+#: How long a stopping host waits for its processes to say they are idle: an idle one answers at
+#: once; one that is mid-turn does not, and ends with the host (interrupted).
+PARK_WAIT_S = 1.0
+#: How long it waits for the kernel to take what it parked.
+PARK_REPLY_S = 5.0
 
 
 class ProcessHost:
@@ -39,7 +45,6 @@ class ProcessHost:
         self.actors: dict[int, pykka.ActorRef[AgentProcess]] = {}
         self._lock = threading.Lock()
         self._ready = threading.Event()
-        self._stopping = threading.Event()
         self._error: str | None = None
         self._thread = threading.Thread(target=self._run, name="agentlibos-host", daemon=True)
         self._control = f"inproc://agentlibos-host-{id(self)}"
@@ -59,7 +64,8 @@ class ProcessHost:
             raise RuntimeError(f"process host could not attach to the kernel: {self._error or 'timeout'}")
 
     def stop(self) -> None:
-        self._stopping.set()
+        """Stop every process; first hand the kernel the affordances of those idle between turns
+        (host.park), so that they carry on if the kernel stops cleanly next."""
         ctl = self._ctx.socket(zmq.PAIR)
         ctl.setsockopt(zmq.LINGER, 0)
         ctl.connect(self._control)
@@ -103,9 +109,10 @@ class ProcessHost:
             poller = zmq.Poller()
             poller.register(sock, zmq.POLLIN)
             poller.register(ctl, zmq.POLLIN)
-            while not self._stopping.is_set():
+            while True:
                 events = dict(poller.poll())
                 if ctl in events:
+                    self._park(sock)
                     return
                 if sock in events:
                     try:
@@ -119,6 +126,47 @@ class ProcessHost:
             sock.close(0)
             ctl.close(0)
 
+    def _park(self, sock: zmq.Socket[Any]) -> None:
+        """Ask each process whether it is idle; send the kernel the affordances of those that are.
+        Runs on the host thread, which owns the kernel connection."""
+        with self._lock:
+            refs = dict(self.actors)
+        asked = {}
+        for pid, ref in sorted(refs.items()):
+            try:
+                asked[pid] = ref.ask(Park(), block=False)
+            except pykka.ActorDeadError:
+                continue
+        # All were asked at once: after one wait has run out, every other has had as long.
+        wait: float = PARK_WAIT_S
+        rid, sent = 1, set()
+        for pid, future in asked.items():
+            try:
+                state = future.get(timeout=wait)
+            except pykka.Timeout:
+                wait = 0.0
+                continue
+            except pykka.ActorDeadError:
+                continue
+            if not isinstance(state, dict):
+                continue
+            rid += 1
+            try:
+                sock.send(Request(rid, "host.park", {"pid": pid, **state}).encode())
+            except (TypeError, ValueError, zmq.ZMQError) as exc:  # not encodable: it ends interrupted
+                log.error("host: could not park process %s: %s", pid, exc)
+                continue
+            sent.add(rid)
+        while sent and sock.poll(int(PARK_REPLY_S * 1000)):
+            try:
+                msg = decode(sock.recv())
+            except ProtocolError:
+                continue
+            if isinstance(msg, Reply) and msg.id in sent:
+                sent.discard(msg.id)
+                if not msg.ok:
+                    log.warning("host: the kernel did not take a parked process: %s", msg.error)
+
     def _command(self, cmd: Command) -> None:
         if cmd.op == "start":
             b = cmd.body
@@ -126,6 +174,7 @@ class ProcessHost:
                 pid=cmd.pid, ppid=b.get("ppid"), token=b["token"], image=b.get("image", ""), model=b.get("model", ""),
                 prompt=b.get("prompt", ""), tools=tuple(b.get("tools") or ()), input=b.get("input"),
                 daemon=bool(b.get("daemon")), jit_tools=dict(b.get("jit_tools") or {}), restored=b.get("restored"),
+                instructions=tuple(str(i) for i in b.get("instructions") or ()),
             )
             ref = AgentProcess.start(spec, self._endpoint, self._ctx, observer=self.observer, on_exit=self._gone,
                                      jit=self.jit_runner)

@@ -22,6 +22,12 @@ class Stop:
 
 
 @dataclass(frozen=True, slots=True)
+class Park:
+    """The host is stopping: an idle process (between turns) answers with its affordances, so that
+    it can carry on after a clean restart; a busy one answers None (mid-turn, it cannot answer)."""
+
+
+@dataclass(frozen=True, slots=True)
 class ProcessSpec:
     """What the host needs to start a process the kernel has decided to start."""
 
@@ -35,5 +41,8 @@ class ProcessSpec:
     input: Any = None
     daemon: bool = False
     jit_tools: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    #: A fork starts from a checkpoint's affordances: its conversation and JIT tools.
+    #: A fork starts from a checkpoint's affordances: its conversation and JIT tools (and a
+    #: process resumed after a restart from those its host parked).
     restored: Mapping[str, Any] | None = None
+    #: Skill instructions the process had loaded (a process resumed after a restart).
+    instructions: tuple[str, ...] = ()

@@ -13,7 +13,7 @@ import pykka
 import zmq
 
 from agentlibos.actors._jit import JitRunner
-from agentlibos.actors._messages import Input, ProcessSpec, Stop
+from agentlibos.actors._messages import Input, Park, ProcessSpec, Stop
 from agentlibos.actors._tools import syscall_for, tool_definitions
 from agentlibos.bus import BusError, KernelClient, KernelError, Reply
 
@@ -61,7 +61,7 @@ class AgentProcess(pykka.ThreadingActor):
         self.tools = spec.tools
         # Affordances the process grew at run time: JIT tools and Skill instructions.
         self.jit_tools: dict[str, dict[str, Any]] = {k: dict(v) for k, v in spec.jit_tools.items()}
-        self.instructions: list[str] = []
+        self.instructions: list[str] = list(spec.instructions)
         self._jit = jit
         if spec.restored:
             self._restore(spec.restored)
@@ -91,6 +91,12 @@ class AgentProcess(pykka.ThreadingActor):
             self.state = "killed"
             self.actor_ref.stop(block=False)
             return None
+        if isinstance(message, Park):
+            # An input already waiting in the inbox means a turn is due: not idle.
+            if self.state != "ready" or not self.actor_inbox.empty():
+                return None
+            return {"messages": list(self.messages), "jit_tools": {k: dict(v) for k, v in self.jit_tools.items()},
+                    "instructions": list(self.instructions)}
         if isinstance(message, Input):
             status, result = "ok", None
             try:
@@ -100,9 +106,10 @@ class AgentProcess(pykka.ThreadingActor):
             except Exception as exc:  # an agent bug ends the agent, not the host
                 log.exception("process %s failed", self.pid)
                 status, result = "error", f"{type(exc).__name__}: {exc}"
-            if status == "interrupted":
-                self.state = "ready"  # the operator stopped this turn; a follow-up message starts the next
-            elif not self.spec.daemon or status != "ok":
+            if status == "interrupted" or (self.spec.daemon and status == "ok"):
+                # Between turns: the operator stopped this one, or a daemon waits for its next message.
+                self.state = "ready"
+            else:
                 self._exit(status, result)
         return None
 

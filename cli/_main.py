@@ -277,7 +277,9 @@ def kernel_cmd(state: str, world_root: str | None) -> None:
     """Run a kernel on --state until interrupted (Ctrl-C or SIGTERM).
 
     Clients connect to the ipc endpoint written to STATE/connection.json (docs/protocol.md);
-    the operator commands below (`ps`, `approvals`, `approve`, `deny`) talk to it.
+    the operator commands (`ps`, `spawn`, `caps`, `kill`, `approvals`, `approve`, ...) talk to it.
+    Stopped this way, it records what lets outside processes and processes idle between turns
+    carry on when a kernel is started again on the same --state.
     """
     import signal
     import threading

@@ -132,9 +132,14 @@ class Kernel(OperatorMixin, WorldMixin, AgentMixin):
         self._token_digests = {}
         self._host_conn = None
         self._host_backlog = []
+        #: Idle hosted processes' affordances, handed over by the host at a clean stop (host.park).
+        self._host_parked: dict[int, dict[str, Any]] = {}
         self._next_pid = 1
         self._tickets = 0
         self._pending = {}
+        self._handlers: dict[str, Callable[..., Outcome]] = {}
+        #: Audit events on the bus (a replaying kernel publishes nothing, so builds none).
+        self._audit_events = True
         self._parked = {}
         self._exit_waiters = {}  # pid -> park keys
         self._receivers = {}  # (pid, queue) -> park keys
@@ -169,12 +174,14 @@ class Kernel(OperatorMixin, WorldMixin, AgentMixin):
             if prov.attach is not None:
                 prov.attach(functools.partial(self._notice, prov.kind))
         self.bound = True
-        self._recover()
         start: dict[str, Any] = {"pid": os.getpid(), "world_root": str(self.config.world_root),
                                  "llm_observe": self.config.llm_observe}
         if self.config.modules:
             start["modules"] = list(self.config.modules)
+        # A session's entries, its recovery's included, follow its kernel.start: a replay of the
+        # earlier session ends where this one starts.
         self._stage("kernel.start", start)
+        self._recover()
         self._flush()
 
     def state_hash(self) -> str:
@@ -218,13 +225,63 @@ class Kernel(OperatorMixin, WorldMixin, AgentMixin):
     def on_failure(self, *args: Any) -> None:  # pragma: no cover - on_receive never raises
         log.error("kernel actor failure: %r", args)
 
+    # --- the host's requests ------------------------------------------------------------------
+    def _host_request(self, conn: bytes, req: Request) -> None:
+        """A request from the host connection: only host rows of the table, decided here, off the
+        syscall path (the host is no process: no budget, no capability; nothing logged on its own)."""
+        if self.failed:
+            self._reply(conn, Reply.failure(req.id, "EIO", self.failed))
+            return
+        spec = self.syscalls.get(req.sys)
+        if spec is None or spec.role != "host":
+            self._reply(conn, Reply.failure(req.id, "ENOSYS", f"unknown host request {req.sys!r}"))
+            return
+        try:
+            value = getattr(self, "_host_" + spec.name[5:].replace(".", "_"))(spec.validate(req.args))
+        except KernelError as exc:
+            self._reply(conn, Reply(req.id, False, error=exc))
+            return
+        self._reply(conn, Reply(req.id, True, value))
+
+    def _host_park(self, args: dict[str, Any]) -> dict[str, Any]:
+        """The host is stopping and this process was idle between turns: keep its affordances for
+        the stop entry, so that it resumes after a clean restart. Only a live hosted process."""
+        proc = self.procs.get(args["pid"])
+        if proc is None or proc.state not in LIVE or proc.state == "needs_attention":
+            raise KernelError("ENOENT", f"no live process {args['pid']}")
+        if proc.external:
+            raise KernelError("EPERM", f"process {proc.pid} is run by an outside client, not by the host")
+        tools = args.get("jit_tools") or {}
+        instructions = args.get("instructions") or []
+        if not all(isinstance(k, str) and isinstance(v, dict) for k, v in tools.items()):
+            raise KernelError("EINVAL", "jit_tools maps each tool name to its definition")
+        if not all(isinstance(i, str) for i in instructions):
+            raise KernelError("EINVAL", "instructions are strings")
+        self._host_parked[proc.pid] = {"messages": args["messages"], "jit_tools": tools, "instructions": instructions}
+        return {"pid": proc.pid, "parked": True}
+
+    # --- a clean stop and the restart after it -------------------------------------------------
     def _resume_state(self) -> dict[str, Any] | None:
-        """At a clean stop: what lets outside (external) processes carry on after a restart, i.e.
-        their records, a digest of their tokens, and the open budget nodes. None: nothing to resume."""
-        procs = [{"pid": p.pid, "ppid": p.ppid, "image": p.image, "model": p.model, "daemon": p.daemon,
-                  "state": "suspended" if p.state == "suspended" else "ready", "origin": p.origin,
-                  "token_sha256": hashlib.sha256(p.token.encode()).hexdigest(), "requestable": p.requestable}
-                 for p in self.procs.values() if p.external and p.state in LIVE and p.state != "needs_attention"]
+        """At a clean stop: what lets processes carry on after a restart: outside (external)
+        processes, with a digest of their tokens, and hosted ones the host parked (idle between
+        turns, with their affordances); for each its record and `self` memory; and the open budget
+        nodes. None: nothing to resume."""
+        procs = []
+        for p in self.procs.values():
+            parked = None if p.external else self._host_parked.get(p.pid)
+            if (not p.external and parked is None) or p.state not in LIVE or p.state == "needs_attention":
+                continue
+            saved: dict[str, Any] = {
+                "pid": p.pid, "ppid": p.ppid, "image": p.image, "model": p.model, "daemon": p.daemon,
+                "state": "suspended" if p.state == "suspended" else "ready", "origin": p.origin,
+                "requestable": p.requestable, "jit_tools": p.jit_tools, "skills": p.skills,
+                "memory": dict(self.memory.get(f"self:{p.pid}", {}))}
+            if parked is None:
+                saved["token_sha256"] = hashlib.sha256(p.token.encode()).hexdigest()
+            else:
+                saved["hosted"] = True
+                saved["affordances"] = parked
+            procs.append(saved)
         return {"processes": procs, "budgets": self.budgets.snapshot()} if procs else None
 
     def _clean_stop(self) -> dict[str, Any]:
@@ -244,9 +301,11 @@ class Kernel(OperatorMixin, WorldMixin, AgentMixin):
         """Continue after what the log holds. An effect logged as intended with no recorded result
         is `unknown`: never run again on its own; its process waits in needs_attention until an
         operator resolves it. After a clean stop, outside processes carry on (they say hello
-        again with their tokens); every other live process of the earlier session is interrupted."""
+        again with their tokens), and so do the hosted ones the host parked (the host starts them
+        again with their conversation); every other live process of the earlier session is interrupted."""
         resume = self._clean_stop()
         resumable = {int(p["pid"]): p for p in resume.get("processes", [])}
+        hosted: list[tuple[Proc, dict[str, Any]]] = []
         unknown = self._unknown_effects()
         for seq, (pid, sys) in sorted(unknown.items()):
             self._stage("effect.unknown", {"decision": seq, "pid": pid, "sys": sys}, pid=pid, cause=seq)
@@ -258,7 +317,9 @@ class Kernel(OperatorMixin, WorldMixin, AgentMixin):
             max_pid = max(max_pid, pid)
             state, status = str(row.get("state")), row.get("status")
             if state in LIVE and pid in resumable and pid not in attention:
-                self._resume_process(resumable[pid])
+                proc = self._resume_process(resumable[pid])
+                if not proc.external:
+                    hosted.append((proc, resumable[pid]))
                 continue
             if state in LIVE and pid not in attention:
                 self._stage("proc.state", {"pid": pid, "state": "exited", "status": "interrupted"})
@@ -334,6 +395,17 @@ class Kernel(OperatorMixin, WorldMixin, AgentMixin):
             if parent is not None and rec.id not in parent.children:
                 parent.children.append(rec.id)
         self.caps._next_id = max_cap + 1
+        for proc, saved in hosted:
+            # Queued until the host says hello; it starts the process waiting for input (none is given).
+            aff = saved.get("affordances")
+            if not isinstance(aff, dict):
+                aff = {}
+            messages = list(aff.get("messages") or [])
+            proc.conversation = {"messages": messages}  # what a checkpoint taken before its next turn holds
+            self._start_process(proc, {
+                "restored": {"messages": messages, "jit_tools": dict(aff.get("jit_tools") or {}),
+                             "skills": list(proc.skills)},
+                "instructions": [str(i) for i in aff.get("instructions") or []]})
 
     def _recover_shared_memory(self) -> None:
         """Shared Object Memory namespaces outlive the processes that wrote them: rebuilt from
@@ -366,16 +438,26 @@ class Kernel(OperatorMixin, WorldMixin, AgentMixin):
         except Exception:
             log.exception("kernel: could not recover shared memory from the log")
 
-    def _resume_process(self, saved: dict[str, Any]) -> None:
+    def _resume_process(self, saved: dict[str, Any]) -> Proc:
+        """A process of the earlier session carries on: an outside one is known by its token's
+        digest until it says hello again; a hosted one gets a fresh token (the host is given it)."""
         pid = int(saved["pid"])
         ppid = saved.get("ppid")
         proc = Proc(pid=pid, ppid=ppid if isinstance(ppid, int) else None, image=str(saved.get("image", "")),
                     model=str(saved.get("model", "")), token="", daemon=bool(saved.get("daemon")),
                     state=str(saved.get("state", "ready")), status=None, origin=str(saved.get("origin", "spawn")),
-                    requestable=list(saved.get("requestable") or []), external=True)
+                    requestable=list(saved.get("requestable") or []), external=not saved.get("hosted"),
+                    jit_tools=dict(saved.get("jit_tools") or {}), skills=list(saved.get("skills") or []))
         self.procs[pid] = proc
-        self._token_digests[str(saved["token_sha256"])] = pid
+        if isinstance(saved.get("memory"), dict) and saved["memory"]:
+            self.memory[f"self:{pid}"] = dict(saved["memory"])
+        if proc.external:
+            self._token_digests[str(saved["token_sha256"])] = pid
+        else:
+            proc.token = secrets.token_hex(16)
+            self._tokens[proc.token] = pid
         self._stage("proc.state", {"pid": pid, "state": proc.state, "status": "resumed after a restart"}, pid=pid)
+        return proc
 
     def _recover_approvals(self) -> None:
         """Approvals still pending when the earlier session ended stay in the queue: an operator
@@ -456,7 +538,10 @@ class Kernel(OperatorMixin, WorldMixin, AgentMixin):
         try:
             if isinstance(message, Inbound):
                 for conn, msg in message.batch:
-                    self._handle(conn, msg)
+                    if conn == self._host_conn and isinstance(msg, Request):
+                        self._host_request(conn, msg)
+                    else:
+                        self._handle(conn, msg)
             elif isinstance(message, EffectDone):
                 self._effect_done(message)
             elif isinstance(message, TimerFired):
@@ -606,6 +691,8 @@ class Kernel(OperatorMixin, WorldMixin, AgentMixin):
             self._reply(conn, Reply(msg.id, True, {"role": "operator"}))
             return
         if msg.role == "host" and secrets.compare_digest(msg.token, self.config.host_token):
+            if self._host_conn is not None and self._host_conn != conn:
+                self._conns.pop(self._host_conn, None)  # one host: a new hello replaces the earlier one
             self._conns[conn] = Caller("host", OPERATOR)
             self._host_conn = conn
             backlog, self._host_backlog = self._host_backlog, []
@@ -675,8 +762,10 @@ class Kernel(OperatorMixin, WorldMixin, AgentMixin):
     def _syscall(self, conn: bytes, proc: Proc, req: Request, spec: SyscallSpec, args: dict[str, Any]) -> None:
         now = self.clock()
         node = self.budgets.nodes[proc.pid]
-        charges = {d: (1.0 if d in ("syscalls", "llm_calls") else 0.0) for d in spec.budget}
-        handler = getattr(self, "_sys_" + spec.provider)
+        charges = dict(spec.base_charges)
+        handler = self._handlers.get(spec.provider)
+        if handler is None:
+            handler = self._handlers[spec.provider] = getattr(self, "_sys_" + spec.provider)
         outcome: Outcome
         exhausted = node.check(charges, now) if spec.budget else None
         if exhausted is not None:
@@ -708,8 +797,9 @@ class Kernel(OperatorMixin, WorldMixin, AgentMixin):
             body["message"] = outcome.message
         if outcome.detail:
             body["detail"] = outcome.detail
+        human = allowed and self._needs_human(outcome)
         inline = (allowed and outcome.effect is None and outcome.park is None and outcome.apply is None
-                  and outcome.human_question is None and not self._needs_human(outcome))
+                  and outcome.human_question is None and not human)
         if inline:
             # An effect on kernel state is atomic with its entry: one entry records the decision
             # and the result, and nothing is visible outside before it is durable.
@@ -722,8 +812,9 @@ class Kernel(OperatorMixin, WorldMixin, AgentMixin):
             # A use is an effect authorized by the cap; deriving, granting or dropping it is not.
             cap.uses -= 1
             self._stage("cap.use", {"cap": cap.id, "uses": cap.uses}, pid=proc.pid, cause=seq)
-        self._event(Topic.audit(), {"seq": seq, "pid": proc.pid, "sys": spec.name, "decision": decision,
-                                    "code": outcome.code, "cap": body.get("handle")})
+        if self._audit_events:
+            self._event(Topic.audit(), {"seq": seq, "pid": proc.pid, "sys": spec.name, "decision": decision,
+                                        "code": outcome.code, "cap": body.get("handle")})
         if not allowed:
             self._reply(conn, Reply(req.id, False, error=KernelError(outcome.code or "EPERM", outcome.message), seq=seq))
             return
@@ -733,7 +824,7 @@ class Kernel(OperatorMixin, WorldMixin, AgentMixin):
         if outcome.human_question is not None:
             self._ask_approval(conn, req.id, proc, spec, args, cap, outcome, seq, question=outcome.human_question)
             return
-        if self._needs_human(outcome):
+        if human:
             self._ask_approval(conn, req.id, proc, spec, args, cap, outcome, seq)
             return
         self._carry_out(conn, req.id, proc, spec, outcome, seq)

@@ -4,12 +4,13 @@ images, spawn, grants and revocation, suspend, resume, interrupt, deadlines, app
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import Any
 
 from agentlibos.bus import Command, KernelError, Request, Topic
 from agentlibos.kernel._budget import parse_budget
-from agentlibos.kernel._caps import CapRecord
+from agentlibos.kernel._caps import APPROVALS, CapRecord, validate_rights, validate_scope
 from agentlibos.kernel._kapprovals import ApprovalsMixin, _sanitize
 from agentlibos.kernel._kckpt import CheckpointsMixin, image_digest
 from agentlibos.kernel._kstate import LIVE, Parked
@@ -17,6 +18,8 @@ from agentlibos.kernel._table import SyscallSpec
 
 #: What an `_op_*` method returns when it parked the request: the reply comes when the wait ends.
 _PARKED = object()
+#: The fields of a grant (op.spawn's caps and requestable ceiling, op.grant).
+GRANT_FIELDS = frozenset({"kind", "scope", "rights", "approval", "expires_in_s", "uses", "name"})
 
 
 class OperatorMixin(ApprovalsMixin, CheckpointsMixin):
@@ -46,12 +49,36 @@ class OperatorMixin(ApprovalsMixin, CheckpointsMixin):
         self._stage("image.register", {"name": args["name"]}, cause=seq, payload=image, has_payload=True)
         return {"image": args["name"], "digest": image["digest"]}
 
-    def _grant(self, pid: int, spec: dict[str, Any], now: float, cause: int) -> CapRecord:
-        if not isinstance(spec, dict):
-            raise KernelError("EINVAL", "a grant is a map with kind, scope and rights")
-        kind = spec.get("kind")
+    def _check_grant(self, g: Any, what: str = "grant") -> None:
+        """Every field of a grant is known and well-formed (a typo such as `expires: 60` would
+        otherwise give a capability that never expires): checked before anything is created."""
+        if not isinstance(g, dict):
+            raise KernelError("EINVAL", f"a {what} is a map with kind, scope and rights")
+        unknown = sorted(str(k) for k in g if k not in GRANT_FIELDS)
+        if unknown:
+            raise KernelError("EINVAL", f"{what}: unknown field {unknown[0][:64]!r} "
+                                        f"(fields: {', '.join(sorted(GRANT_FIELDS))})")
+        kind = g.get("kind")
         if kind not in self.kinds:
-            raise KernelError("EINVAL", f"unknown capability kind {kind!r}")
+            raise KernelError("EINVAL", f"{what}: unknown capability kind {str(kind)[:64]!r}")
+        validate_scope(kind, g.get("scope", {}))
+        validate_rights(kind, g.get("rights", []))
+        if g.get("approval", "never") not in APPROVALS:
+            raise KernelError("EINVAL", f"{what}: approval must be 'never' or 'always'")
+        exp = g.get("expires_in_s")
+        if exp is not None and (not isinstance(exp, (int, float)) or isinstance(exp, bool) or not math.isfinite(exp)
+                                or exp < 0):
+            raise KernelError("EINVAL", f"{what}: expires_in_s must be a non-negative number of seconds")
+        uses = g.get("uses")
+        if uses is not None and (not isinstance(uses, int) or isinstance(uses, bool) or uses < 0):
+            raise KernelError("EINVAL", f"{what}: uses must be a non-negative integer")
+        name = g.get("name")
+        if name is not None and (not isinstance(name, str) or not name or len(name) > 64):
+            raise KernelError("EINVAL", f"{what}: a handle name is a non-empty string of at most 64 characters")
+
+    def _grant(self, pid: int, spec: dict[str, Any], now: float, cause: int) -> CapRecord:
+        self._check_grant(spec)
+        kind = spec["kind"]
         exp = spec.get("expires_in_s")
         rec = self.caps.create(
             holder=pid, kind=kind, scope=spec.get("scope", {}), rights=spec.get("rights", []),
@@ -71,17 +98,11 @@ class OperatorMixin(ApprovalsMixin, CheckpointsMixin):
         model = args.get("model") or img.get("model") or "scripted"
         grants = args.get("caps") or []
         # Validate every grant before creating anything, so a bad grant leaves no half-made process.
-        from agentlibos.kernel._caps import validate_rights, validate_scope
-
         for g in grants:
-            if not isinstance(g, dict) or g.get("kind") not in self.kinds:
-                raise KernelError("EINVAL", f"bad grant {g!r}: needs kind, scope, rights")
-            validate_scope(g["kind"], g.get("scope", {}))
-            validate_rights(g["kind"], g.get("rights", []))
+            self._check_grant(g)
         ceiling = []
         for g in args.get("requestable") or []:
-            if not isinstance(g, dict) or g.get("kind") not in self.kinds:
-                raise KernelError("EINVAL", f"bad requestable entry {g!r}: needs kind, scope, rights")
+            self._check_grant(g, "requestable entry")
             ceiling.append({"kind": g["kind"], "scope": validate_scope(g["kind"], g.get("scope", {})),
                             "rights": sorted(validate_rights(g["kind"], g.get("rights", [])))})
         proc = self._create_process(image, None, model, budget, bool(args.get("daemon")), args.get("input"), now)

@@ -207,6 +207,11 @@ def replay(entries: Iterable[LogEntry], payload_of: Any, config: KernelConfig) -
             rid += 1
             k._handle(OPERATOR_CONN, Request(rid, body["sys"], payload(e), None, e.cause))
             return True
+        if e.kind == "sys" and e.pid is None and body.get("decision") == "reject":
+            # The operator asked for something that is not an operator request.
+            rid += 1
+            k._handle(OPERATOR_CONN, Request(rid, body["sys"], payload(e), None, e.cause))
+            return True
         if e.kind == "sys" and e.pid is not None:
             args = full = payload(e)
             if body.get("decision") == "allow" and body.get("ok") is True and isinstance(args, dict) and "args" in args:
@@ -278,11 +283,13 @@ def replay(entries: Iterable[LogEntry], payload_of: Any, config: KernelConfig) -
                 return False
         return False
 
+    stopped = False
     for i, e in enumerate(recorded):
-        report.entries += 1
-        if e.kind == "kernel.start" and e.seq > 1:
+        if (e.kind == "kernel.start" and e.seq > 1) or stopped:
+            # (A log from before kernel.start came first logged a restart's recovery ahead of it.)
             report.notes.append(f"a second kernel session starts at seq {e.seq}; replay stops there")
             break
+        report.entries += 1
         if e.kind == "kernel.start":
             k._tick = e.ts
             k._stage("kernel.start", dict(e.body))
@@ -295,6 +302,7 @@ def replay(entries: Iterable[LogEntry], payload_of: Any, config: KernelConfig) -
                 raise NondeterminismError(
                     f"final state differs at seq {e.seq}: recorded {recorded_hash}, replayed {report.state_hash}")
             k._stage("kernel.stop", dict(e.body))
+            stopped = True
         elif len(staged) < e.seq and e.seq not in done:
             if stimulate_from(i):
                 report.stimuli += 1

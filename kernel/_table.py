@@ -5,7 +5,7 @@ rights, budget dimensions and provider; nothing outside this table reaches an ef
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from agentlibos.bus._errors import KernelError
@@ -45,22 +45,30 @@ class SyscallSpec:
     provider: str
     role: str = "process"  # "process" or "operator"
     doc: str = ""
+    known: frozenset[str] = field(init=False, repr=False, compare=False)
+    #: What one call charges on each of its budget dimensions before the provider adds more.
+    base_charges: tuple[tuple[str, float], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "known", frozenset(a.name for a in self.args))
+        object.__setattr__(self, "base_charges", tuple((d, 1.0 if d in ("syscalls", "llm_calls") else 0.0)
+                                                       for d in self.budget))
 
     def validate(self, args: Mapping[str, Any]) -> dict[str, Any]:
-        known = {a.name for a in self.args}
+        known = self.known
         for key in args:
             if key not in known:
                 raise KernelError("EINVAL", f"{self.name} takes no argument {key!r} (arguments: {', '.join(sorted(known)) or 'none'})")
         out: dict[str, Any] = {}
         for a in self.args:
-            if a.name not in args or args[a.name] is None:
+            v = args.get(a.name)
+            if v is None:
                 if a.required:
                     raise KernelError("EINVAL", f"{self.name} needs argument {a.name!r}")
                 continue
-            v = args[a.name]
-            types = _TYPES[a.type]
-            if a.type != "any" and (not isinstance(v, types) or (isinstance(v, bool) and a.type not in ("bool", "any"))):
-                raise KernelError("EINVAL", f"{self.name}: argument {a.name!r} must be {a.type}, not {type(v).__name__}")
+            t = a.type
+            if t != "any" and (not isinstance(v, _TYPES[t]) or (v.__class__ is bool and t != "bool")):
+                raise KernelError("EINVAL", f"{self.name}: argument {a.name!r} must be {t}, not {type(v).__name__}")
             if isinstance(v, (str, bytes)) and len(v) > MAX_STRING:
                 raise KernelError("EINVAL", f"{self.name}: argument {a.name!r} is longer than {MAX_STRING} bytes")
             out[a.name] = v
@@ -191,6 +199,10 @@ SYSCALLS: dict[str, SyscallSpec] = {
         _row("op.mem.put", "ns:str key:str value:any", None, "", "", "op",
              "seed Object Memory (ns: a shared namespace, or self:PID)", "operator"),
         _row("op.mem.get", "ns:str key:str", None, "", "", "op", "read Object Memory -> {value}", "operator"),
+        # Host requests: only the connection that said hello with the host token; never logged on their own.
+        _row("host.park", "pid:int messages:list jit_tools:map? instructions:list?", None, "", "", "host",
+             "at a clean stop, an idle hosted process's affordances, so that it resumes after the restart",
+             "host"),
     ]
 }
 

@@ -175,6 +175,8 @@ class Runtime:
                        "operator_token": self.config.operator_token, "pid": os.getpid()}, fh)
 
     def stop(self) -> None:
+        """A clean stop: the host first (it hands the kernel the processes idle between turns),
+        then the kernel, whose stop entry lets those and outside processes carry on after a restart."""
         if not self._started:
             return
         self._started = False

@@ -282,3 +282,30 @@ def test_outside_processes_carry_on_after_a_clean_restart(tmp_path: Path) -> Non
     finally:
         log.close()
     assert ("ready", "resumed after a restart") in states
+
+
+@pytest.mark.parametrize("grant, why", [
+    ({"kind": "fs", "scope": {"root": "docs"}, "rights": ["read"], "expires": 60}, "unknown field 'expires'"),
+    ({"kind": "fs", "scope": {"root": "docs"}, "rights": ["read"], "expires_in_s": "soon"}, "expires_in_s"),
+    ({"kind": "fs", "scope": {"root": "docs"}, "rights": ["read"], "uses": True}, "uses"),
+    ({"kind": "fs", "scope": {"root": "docs"}, "rights": ["read"], "approval": "sometimes"}, "approval"),
+    ({"kind": "fs", "scope": {"root": "docs"}, "rights": ["read"], "name": ""}, "handle name"),
+    ({"kind": "nope", "scope": {}, "rights": []}, "unknown capability kind"),
+])
+def test_a_bad_grant_is_refused_and_makes_no_process(tmp_path: Path, grant: dict[str, Any], why: str) -> None:
+    """A typo in a grant never yields a different capability (a cap that never expires) or a
+    half-made process: the whole spawn is refused, naming the field."""
+    with runtime(tmp_path) as rt:
+        before = rt.ps()
+        for args in ({"image": "x", "caps": [grant], "external": True},
+                     {"image": "x", "requestable": [grant], "external": True}):
+            with pytest.raises(KernelError) as ei:
+                rt.operator.call("op.spawn", args)
+            assert ei.value.code == "EINVAL" and why in ei.value.message
+        assert rt.ps() == before
+        pid, _token = rt.spawn_external("x")
+        with pytest.raises(KernelError) as ei:
+            rt.operator.call("op.grant", {"pid": pid, **grant})
+        assert ei.value.code == "EINVAL"
+        assert ("takes no argument 'expires'" if "expires" in grant else why) in ei.value.message
+        assert [c for c in rt.caps(pid) if c["kind"] == "fs"] == []
