@@ -12,7 +12,9 @@ burst of requests was sent (so the kill lands while the batch is being committed
 - every acknowledged seq is in the log, with the right kind, syscall name, pid and arguments
   (and, for a result entry, the value that was replied): no acknowledged entry is lost;
 - the next kill point restarts a kernel on the same directory (the writer's tail check must pass
-  after any SIGKILL), and its first acknowledged seq continues the chain after the old head.
+  after any SIGKILL), and its first acknowledged seq continues the chain after the old head;
+- once a directory's chain is done, its whole log replays (`agentlibos replay`), session by
+  session, to the same decisions.
 
 A state directory carries `--chain` consecutive kill points (so verify stays cheap), ending with
 a clean restart that must start, answer a syscall past the old head, and stop on SIGTERM.
@@ -25,7 +27,7 @@ K` makes every K-th point an exec (1 = all exec).
 
 Run: python bench/crash.py [--points N] [--seed S] [--chain C] [--exec-every K] [--dir DIR]
 Prints one JSON object: {"points", "acknowledged", "lost", "verify_failures", "restart_failures",
-"seconds", ...}; exit status 1 when anything was lost or failed (details on stderr).
+"replay_failures", "replayed_sessions", "seconds", ...}; exit status 1 when anything was lost or failed (details on stderr).
 """
 
 from __future__ import annotations
@@ -451,6 +453,8 @@ class Totals:
     lost: int = 0
     verify_failures: int = 0
     restart_failures: int = 0
+    replay_failures: int = 0
+    replayed_sessions: int = 0
     traffic_errors: int = 0
     exec_points: int = 0
     fork_points: int = 0
@@ -523,6 +527,8 @@ class Runner:
                 head = new_head
             else:
                 self.clean_restart(point, state, world, head)
+                if not self.unsafe:
+                    self.replay(state)
             if self.unsafe or len(t.failures) == failures_before:  # keep a failing directory to look at
                 shutil.rmtree(state, ignore_errors=True)
         return t
@@ -649,6 +655,20 @@ class Runner:
                 t.fail(f"{where}: the kernel exited {code} on SIGTERM: {k.stderr_tail()}")
         _verify(state, t, where)
 
+    def replay(self, state: Path) -> None:
+        """The directory's whole log, every kernel session killed on the way, replays: each
+        restarted kernel recovers from the earlier sessions and makes the same decisions."""
+        from agentlibos.kernel import replay_log
+
+        t = self.totals
+        try:
+            report = replay_log(state / "log.db", state_dir=state)
+        except Exception as exc:
+            t.replay_failures += 1
+            t.fail(f"replay of {state.name} (seed {self.seed}): {type(exc).__name__}: {exc}")
+            return
+        t.replayed_sessions += report.sessions
+
 
 def run_points(points: int, *, seed: int = 1, base: Path | None = None, chain: int = 20, exec_every: int = 10,
                max_threads: int = 4, progress: Any = None, unsafe: bool = False) -> dict[str, Any]:
@@ -667,6 +687,7 @@ def run_points(points: int, *, seed: int = 1, base: Path | None = None, chain: i
             shutil.rmtree(base, ignore_errors=True)
     return {"points": t.points, "acknowledged": t.acknowledged, "lost": t.lost,
             "verify_failures": t.verify_failures, "restart_failures": t.restart_failures,
+            "replay_failures": t.replay_failures, "replayed_sessions": t.replayed_sessions,
             "traffic_errors": t.traffic_errors, "seconds": round(time.perf_counter() - started, 2),
             "exec_points": t.exec_points, "fork_points": t.fork_points, "modes": t.modes,
             "max_head": t.max_head, "seed": seed, "failures": t.failures,
@@ -702,7 +723,8 @@ def main() -> None:
         print(f, file=sys.stderr)
     if a.unsafe:  # the control passes when the checks caught the broken kernel
         sys.exit(0 if out["lost"] else 1)
-    bad = out["lost"] or out["verify_failures"] or out["restart_failures"] or out["traffic_errors"]
+    bad = (out["lost"] or out["verify_failures"] or out["restart_failures"] or out["replay_failures"]
+           or out["traffic_errors"])
     sys.exit(1 if bad else 0)
 
 

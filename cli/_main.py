@@ -591,8 +591,10 @@ def replay(run: str) -> None:
 
     A fresh kernel is fed the run's stimuli (operator and process requests, effect results,
     model answers, timeouts) without running any effect, and must make the same decisions, entry
-    by entry, and reach the same final state hash. Exit 0 identical; 1 with the first differing
-    entry (NondeterminismError); 2 if the run cannot be replayed.
+    by entry, and reach the same final state hash. A log with restarts in it is replayed session
+    by session: each restarted kernel first recovers from the earlier sessions, as the real one
+    did. Exit 0 identical; 1 with the first differing entry (NondeterminismError); 2 if the run
+    cannot be replayed.
     """
     from agentlibos.bus import NondeterminismError, ReplayError
     from agentlibos.kernel import replay_log
@@ -607,7 +609,8 @@ def replay(run: str) -> None:
     except (ReplayError, StorageError) as exc:
         err.print(f"[red]error:[/red] {escape(str(exc))}")
         sys.exit(2)
-    console.print(f"[green]identical[/green]: {rep.entries} entries, {rep.stimuli} stimuli replayed in "
+    sessions = f" in {rep.sessions} kernel sessions" if rep.sessions > 1 else ""
+    console.print(f"[green]identical[/green]: {rep.entries} entries{sessions}, {rep.stimuli} stimuli replayed in "
                   f"{rep.seconds:.2f} s ({rep.entries / max(rep.seconds, 1e-9):,.0f} entries/s); final state "
                   f"{rep.state_hash}")
     for note in rep.notes:

@@ -5,7 +5,6 @@ that it makes the same decisions, entry by entry, and reaches the same final sta
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
@@ -16,6 +15,7 @@ from agentlibos.bus import Hello, KernelError, NondeterminismError, ReplayError,
 from agentlibos.kernel._commit import Outputs
 from agentlibos.kernel._config import KernelConfig
 from agentlibos.kernel._kernel import Caller, EffectDone, Kernel
+from agentlibos.kernel._kstate import LIVE
 from agentlibos.storage import NO_PAYLOAD, LogEntry, SQLiteLog, digest
 
 OPERATOR_CONN = b"\x00operator"
@@ -34,22 +34,46 @@ class _Staged:
 
 
 class _MemoryLog:
-    """Just enough of a log for a replaying kernel: it keeps what it stages, in memory."""
+    """Just enough of a log for a replaying kernel: it keeps what it stages, in memory, from
+    `first_seq` on; a later session's recovery reads the earlier sessions from `earlier`."""
 
-    def __init__(self) -> None:
-        self.entries: list[_Staged] = []
+    def __init__(self, first_seq: int = 1, earlier: SQLiteLog | None = None) -> None:
+        self.staged: list[_Staged] = []
+        self.first_seq = first_seq
+        self._earlier = earlier
 
     def stage(self, kind: str, body: dict[str, Any], *, pid: int | None = None, cause: int | None = None,
               payload: Any = NO_PAYLOAD, ts: float | None = None) -> _Staged:
-        e = _Staged(len(self.entries) + 1, ts or 0.0, pid, kind, cause, body)
-        self.entries.append(e)
+        e = _Staged(self.first_seq + len(self.staged), ts or 0.0, pid, kind, cause, body)
+        self.staged.append(e)
         return e
 
     def flush(self) -> int:
         return 0
 
     def head(self) -> tuple[int, bytes]:
-        return len(self.entries), b""
+        # What a restarting kernel finds acknowledged: the earlier sessions.
+        return self.first_seq - 1, b""
+
+    def get(self, seq: int) -> LogEntry | None:
+        return self._earlier.get(seq) if self._earlier is not None and seq < self.first_seq else None
+
+    def payload(self, seq: int) -> tuple[bool, Any]:
+        if self._earlier is None or seq >= self.first_seq:
+            return False, None
+        return self._earlier.payload(seq)
+
+    def entries(self, start: int = 1, end: int | None = None, *, kinds: Any = None,
+                pid: int | None = None) -> Iterator[LogEntry]:
+        if self._earlier is None or self.first_seq == 1:
+            return iter(())
+        last = self.first_seq - 1 if end is None else min(end, self.first_seq - 1)
+        return self._earlier.entries(start, last, kinds=kinds, pid=pid)
+
+    def projection(self, name: str) -> list[dict[str, Any]]:
+        if self._earlier is None or self.first_seq == 1:
+            return []
+        return self._earlier.projection(name, upto=self.first_seq - 1)
 
 
 class _Nowhere:
@@ -76,7 +100,7 @@ WORLD_DEPENDENT = ("fs.", "shell.exec", "skill.", "rpc.", "mcp.", "pty.")
 
 
 class _ReplayKernel(Kernel):
-    def __init__(self, config: KernelConfig) -> None:
+    def __init__(self, config: KernelConfig, memory_log: _MemoryLog) -> None:
         # Providers with an empty configuration: their syscall rows and coverage rules, no peers.
         from agentlibos.kernel._mcp import make_mcp_provider
         from agentlibos.kernel._pty import make_pty_provider
@@ -84,7 +108,7 @@ class _ReplayKernel(Kernel):
 
         from agentlibos.kernel._modules import load_modules
 
-        super().__init__(config, _MemoryLog(), None, [], [], {"*": _NoModel()},  # type: ignore[arg-type]
+        super().__init__(config, memory_log, None, [], [], {"*": _NoModel()},  # type: ignore[arg-type]
                          [make_rpc_provider({}), make_mcp_provider({}),
                           make_pty_provider(path=config.path, world_root=str(config.world_root), env={}),
                           *load_modules(config.modules, config)])
@@ -142,6 +166,14 @@ class _ReplayKernel(Kernel):
     def _event(self, topic: Any, body: dict[str, Any]) -> None:
         pass  # events are not part of the log
 
+    def _flush(self) -> None:
+        out = self._out
+        if out.effects:  # replies and events go nowhere; effects are matched with their results
+            self._out = Outputs()
+            self._release(out)
+        else:
+            out.commands.clear()
+
     def _release(self, out: Outputs) -> None:
         # Effects are never run again: their recorded results are fed back as stimuli.
         for ticket, _fn, _conn, _rid in out.effects:
@@ -157,6 +189,8 @@ class ReplayReport:
     state_hash: str | None = None
     recorded_hash: str | None = None
     seconds: float = 0.0
+    #: Kernel sessions replayed (a restart on the same state directory starts the next one).
+    sessions: int = 0
     notes: list[str] = field(default_factory=list)
 
 
@@ -165,27 +199,30 @@ def _comparable(kind: str, body: dict[str, Any]) -> dict[str, Any]:
     return body if drop is None else {k: v for k, v in body.items() if k not in drop}
 
 
-def replay(entries: Iterable[LogEntry], payload_of: Any, config: KernelConfig) -> ReplayReport:
-    """Replay recorded entries; raise NondeterminismError at the first entry that differs."""
+def replay(entries: Iterable[LogEntry], payload_of: Any, config: KernelConfig, *,
+           earlier: SQLiteLog | None = None) -> ReplayReport:
+    """Replay recorded entries; raise NondeterminismError at the first entry that differs.
+
+    Each kernel session (from its kernel.start) is replayed by a fresh kernel; a later session's
+    kernel first recovers from the earlier sessions' entries, read from `earlier` (without it,
+    the replay stops where the second session starts)."""
     started = time.monotonic()
-    entries = iter(entries)
-    first = next(entries, None)
-    if first is not None:
-        # The Runtime Modules the run's kernel loaded bring syscall rows the replay needs too.
-        start = first.body if first.kind == "kernel.start" else {}
-        if start.get("modules"):
-            config = replace(config, modules=tuple(start["modules"]))
-        # The level of LLM-call records the run kept (a log from before they existed kept none).
-        config = replace(config, llm_observe=str(start.get("llm_observe", "off")))
-        entries = itertools.chain([first], entries)
-    k = _ReplayKernel(config)
-    memory_log = k.log
-    assert isinstance(memory_log, _MemoryLog)
-    staged: list[_Staged] = memory_log.entries
     report = ReplayReport()
     conns: dict[int, bytes] = {}
     worldly: dict[Any, bool] = {}
     rid = 0
+
+    def session(start: dict[str, Any], first_seq: int) -> tuple[_ReplayKernel, _MemoryLog]:
+        cfg = config
+        # The Runtime Modules the run's kernel loaded bring syscall rows the replay needs too.
+        if start.get("modules"):
+            cfg = replace(cfg, modules=tuple(start["modules"]))
+        # The level of LLM-call records the run kept (a log from before they existed kept none).
+        cfg = replace(cfg, llm_observe=str(start.get("llm_observe", "off")))
+        memory_log = _MemoryLog(first_seq, earlier)
+        kernel = _ReplayKernel(cfg, memory_log)
+        kernel._conns[OPERATOR_CONN] = Caller("operator", 0)
+        return kernel, memory_log
 
     def conn_of(pid: int) -> bytes:
         if pid not in conns:
@@ -255,19 +292,10 @@ def replay(entries: Iterable[LogEntry], payload_of: Any, config: KernelConfig) -
             return True
         return False
 
-    def flush() -> None:
-        out = k._out
-        if out.effects:  # replies and events go nowhere; effects are matched with their results
-            k._out = Outputs()
-            k._release(out)
-        else:
-            out.commands.clear()
-
-    k._flush = flush
-    k._conns[OPERATOR_CONN] = Caller("operator", 0)
-    recorded_hash = None
     recorded = list(entries)
     done: set[int] = set()
+    first = recorded[0] if recorded else None
+    k, mlog = session(first.body if first is not None and first.kind == "kernel.start" else {}, 1)
 
     def stimulate_from(i: int) -> bool:
         # A handler may log consequences before its own decision (a derive logs the new cap, then
@@ -283,41 +311,61 @@ def replay(entries: Iterable[LogEntry], payload_of: Any, config: KernelConfig) -
                 return False
         return False
 
-    stopped = False
+    stopped = clean = False
     for i, e in enumerate(recorded):
-        if (e.kind == "kernel.start" and e.seq > 1) or stopped:
-            # (A log from before kernel.start came first logged a restart's recovery ahead of it.)
-            report.notes.append(f"a second kernel session starts at seq {e.seq}; replay stops there")
+        if e.kind == "kernel.start" and e.seq > 1:
+            if earlier is None:
+                report.notes.append(f"a second kernel session starts at seq {e.seq}; replay stops there")
+                break
+            if not clean:
+                report.notes.append(f"the session before seq {e.seq} did not stop cleanly: its decisions "
+                                    "were compared, its final state not")
+            k, mlog = session(e.body, e.seq)
+            stopped = clean = False
+        elif stopped:
+            # A log from before a session's recovery came after its kernel.start.
+            report.notes.append(f"entries after the kernel.stop at seq {e.seq - 1} precede the next "
+                                "kernel.start (an older log); replay stops there")
             break
         report.entries += 1
         if e.kind == "kernel.start":
+            report.sessions += 1
             k._tick = e.ts
             k._stage("kernel.start", dict(e.body))
-            recorded_hash = None
+            if e.seq > 1:
+                # What the restarted kernel recovered from the earlier sessions, then the
+                # processes that carry on (they said hello before the restart).
+                k._recover()
+                for proc in k.procs.values():
+                    if proc.state in LIVE and proc.state != "needs_attention":
+                        proc.conn = conn_of(proc.pid)
+                        k._conns[proc.conn] = Caller("process", proc.pid)
+                k._flush()
         elif e.kind == "kernel.stop":
-            recorded_hash = e.body.get("state_hash")
-            report.recorded_hash = recorded_hash
+            report.recorded_hash = e.body.get("state_hash")
             report.state_hash = k.state_hash()
-            if recorded_hash != report.state_hash:
-                raise NondeterminismError(
-                    f"final state differs at seq {e.seq}: recorded {recorded_hash}, replayed {report.state_hash}")
+            if report.recorded_hash != report.state_hash:
+                raise NondeterminismError(f"final state differs at seq {e.seq}: recorded {report.recorded_hash}, "
+                                          f"replayed {report.state_hash}")
             k._stage("kernel.stop", dict(e.body))
-            stopped = True
-        elif len(staged) < e.seq and e.seq not in done:
+            stopped = clean = True
+        elif len(mlog.staged) + mlog.first_seq <= e.seq and e.seq not in done:
             if stimulate_from(i):
                 report.stimuli += 1
-            flush()
-        if len(staged) < e.seq:
+            k._flush()
+        at = e.seq - mlog.first_seq
+        if at >= len(mlog.staged):
             raise NondeterminismError(f"seq {e.seq}: the recorded run has {e.kind} {_short(e.body)}, "
                                       "the replay produced nothing here")
-        got = staged[e.seq - 1]
+        got = mlog.staged[at]
         if (got.kind, got.pid, got.cause, _comparable(got.kind, got.body)) != (
                 e.kind, e.pid, e.cause, _comparable(e.kind, e.body)):
             raise NondeterminismError(
                 f"seq {e.seq}: recorded {e.kind} pid={e.pid} cause={e.cause} {_short(e.body)}; "
                 f"replayed {got.kind} pid={got.pid} cause={got.cause} {_short(got.body)}")
     report.seconds = time.monotonic() - started
-    if report.state_hash is None:
+    if not clean:
+        report.recorded_hash = None
         report.state_hash = k.state_hash()
         report.notes.append("the recorded run has no kernel.stop entry (it did not stop cleanly): "
                             "decisions compared, final state not")
@@ -330,7 +378,7 @@ def _short(body: dict[str, Any]) -> str:
 
 
 def replay_log(path: str | Path, *, state_dir: str | Path | None = None) -> ReplayReport:
-    """Replay the log file at `path` (a run's log.db)."""
+    """Replay the log file at `path` (a run's log.db), every kernel session in it."""
     p = Path(path)
     with SQLiteLog.open_readonly(p) as log:
         cfg = KernelConfig.load(state_dir or p.parent)
@@ -348,7 +396,7 @@ def replay_log(path: str | Path, *, state_dir: str | Path | None = None) -> Repl
                 return log.payload(seq)
             return SQLiteLog.decode_payload(*hit)
 
-        return replay(entries(), payload_of, cfg)
+        return replay(entries(), payload_of, cfg, earlier=log)
 
 
 __all__ = ["ReplayReport", "replay", "replay_log", "digest"]

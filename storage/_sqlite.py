@@ -493,11 +493,23 @@ class SQLiteLog(LogBackend):
             return bad(max(last, 1), last - 1, "the recorded head hash differs from the last entry's")
         return VerifyReport(True, last, None, None, head_seq)
 
-    def projection(self, name: str) -> list[dict[str, Any]]:
-        """Rows of projection `name` ("processes" or "capabilities"), ordered by key."""
+    def projection(self, name: str, upto: int | None = None) -> list[dict[str, Any]]:
+        """Rows of projection `name` ("processes" or "capabilities"), ordered by key; with
+        `upto`, as they stood after entry `upto` (folded again from the log up to there)."""
         if name not in PROJECTIONS:
             raise ValueError(f"unknown projection {name!r} (known: {sorted(PROJECTIONS)})")
         key = PROJECTIONS[name][0]
+        if upto is not None:
+            scratch = sqlite3.connect(":memory:")
+            try:
+                create_tables(scratch)
+                apply_entries(scratch, ((e.seq, e.kind, e.body)
+                                        for e in self.entries(1, upto, kinds=sorted(PROJECTED_KINDS))))
+                cur = scratch.execute(f"SELECT * FROM {name} ORDER BY {key}")
+                cols = [d[0] for d in cur.description]
+                return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
+            finally:
+                scratch.close()
         with self._lock:
             self._check_open()
             return list(self._db.query(f"SELECT * FROM {name} ORDER BY {key}"))

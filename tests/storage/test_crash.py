@@ -6,7 +6,8 @@ AGENTLIBOS_CRASH_SEED (default 1). Every kill point is a separate kernel process
 SIGKILL: every AGENTLIBOS_CRASH_EXEC_EVERY-th (default 10) a fresh `agentlibos kernel`
 interpreter, the others forked from a zygote that imported agentlibos once (same command, no
 import cost). After each kill the log must verify, hold every acknowledged seq with the right
-content, and reopen for writing in a kernel that continues the chain.
+content, and reopen for writing in a kernel that continues the chain; each directory's whole log,
+every killed session in it, must replay to the same decisions.
 """
 
 from __future__ import annotations
@@ -52,12 +53,14 @@ def test_sigkill_never_loses_an_acknowledged_entry() -> None:
     assert out["lost"] == 0, _summary(out)
     assert out["verify_failures"] == 0, _summary(out)
     assert out["restart_failures"] == 0, _summary(out)
+    assert out["replay_failures"] == 0, _summary(out)
     assert out["traffic_errors"] == 0, _summary(out)
     assert out["failures"] == [], _summary(out)
     # The run exercised what it claims: acknowledgements to check, both launch paths, all modes.
     assert out["acknowledged"] >= 5 * POINTS, _summary(out)
     assert set(out["modes"]) == {"acks", "burst", "delay"} or POINTS < 20, _summary(out)
     assert out["exec_points"] >= 1, _summary(out)
+    assert out["replayed_sessions"] >= POINTS // 20 * 21 or POINTS < 20, _summary(out)
 
 
 def test_the_checks_catch_a_kernel_that_acknowledges_before_the_commit() -> None:
