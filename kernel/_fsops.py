@@ -88,6 +88,17 @@ def _open_regular(res: Resolution, flags: int, mode: int = 0o666) -> int:
     return fd
 
 
+def small_regular(res: Resolution, limit: int) -> bool:
+    """A regular file of at most `limit` bytes as lstat sees it now (`read` checks again)."""
+    if res.name is None:
+        return False
+    try:
+        st = _lstat(res)
+    except OSError:
+        return False
+    return _stat.S_ISREG(st.st_mode) and st.st_size <= limit
+
+
 def read(res: Resolution, *, max_bytes: int = DEFAULT_MAX_READ_BYTES) -> dict[str, Any]:
     """`{"text": str}` for UTF-8 content, else `{"bytes": bytes}`."""
     if res.name is None:

@@ -21,9 +21,14 @@ from agentlibos.kernel._table import SyscallSpec
 
 log = logging.getLogger("agentlibos.kernel")
 
+#: A regular file up to this size is read on the kernel thread, with its decision (one entry,
+#: one commit); a bigger one is read off it, as an effect with its own result entry.
+INLINE_READ_BYTES = 64 << 10
+
 
 class WorldMixin(CapsMixin):
-    """The fs, shell and start-registered providers: their effects run off the kernel thread."""
+    """The fs, shell and start-registered providers: their effects run off the kernel thread (a
+    small file is read with its decision, see INLINE_READ_BYTES)."""
 
     # --- providers: fs -------------------------------------------------------------------------
     def _sys_fs(self, proc: Proc, spec: SyscallSpec, args: dict[str, Any], handle: str | None, now: float) -> Outcome:
@@ -84,6 +89,13 @@ class WorldMixin(CapsMixin):
         detail: dict[str, Any] = {"path": "/".join(x for x in (cap.scope["root"], res.rel) if x)}
         cfg = self.config
         if op == "read":
+            if _fsops.small_regular(res, INLINE_READ_BYTES):
+                # As bounded as the path walk that just ran here, and a read changes nothing: one
+                # entry holds the decision and the content, one commit instead of two.
+                try:
+                    return Outcome.allow(cap, value=_fsops.read(res, max_bytes=cfg.fs_max_read_bytes), detail=detail)
+                finally:
+                    res.close()
             return Outcome.allow(cap, effect=_closing(res, lambda: _fsops.read(res, max_bytes=cfg.fs_max_read_bytes)), detail=detail)
         if op == "write":
             data = args["data"]
