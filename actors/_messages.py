@@ -23,8 +23,9 @@ class Stop:
 
 @dataclass(frozen=True, slots=True)
 class Park:
-    """The host is stopping: an idle process (between turns) answers with its affordances, so that
-    it can carry on after a clean restart; a busy one answers None (mid-turn, it cannot answer)."""
+    """The host is stopping, or hibernating a process idle too long: an idle process (between
+    turns) answers with its affordances, so that it can carry on after a clean restart or when it
+    wakes; a busy one answers None (mid-turn, it cannot answer)."""
 
 
 @dataclass(frozen=True, slots=True)

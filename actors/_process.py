@@ -51,6 +51,7 @@ class AgentProcess(pykka.ThreadingActor):
         *,
         observer: ToolObserver | None = None,
         on_exit: Callable[[int], None] | None = None,
+        on_idle: Callable[[int, bool], None] | None = None,
         jit: Callable[[], JitRunner] | None = None,
     ) -> None:
         super().__init__()
@@ -69,6 +70,9 @@ class AgentProcess(pykka.ThreadingActor):
         self._ctx = context
         self._observer = observer
         self._on_exit = on_exit
+        # Told when the process goes idle between turns (True) and when a turn starts (False), so
+        # that its host can hibernate one idle too long.
+        self._on_idle = on_idle
         self._client: KernelClient | None = None
         self._last_turn_seq: int | None = None
         self._interrupted = False
@@ -78,6 +82,8 @@ class AgentProcess(pykka.ThreadingActor):
         self.state = "ready"
         if self.spec.input is not None:
             self.actor_ref.tell(Input(self.spec.input))
+        else:
+            self._idle(True)
 
     def on_stop(self) -> None:
         if self._client is not None:
@@ -98,6 +104,7 @@ class AgentProcess(pykka.ThreadingActor):
             return {"messages": list(self.messages), "jit_tools": {k: dict(v) for k, v in self.jit_tools.items()},
                     "instructions": list(self.instructions)}
         if isinstance(message, Input):
+            self._idle(False)
             status, result = "ok", None
             try:
                 status, result = self._turn(message.content)
@@ -109,9 +116,14 @@ class AgentProcess(pykka.ThreadingActor):
             if status == "interrupted" or (self.spec.daemon and status == "ok"):
                 # Between turns: the operator stopped this one, or a daemon waits for its next message.
                 self.state = "ready"
+                self._idle(True)
             else:
                 self._exit(status, result)
         return None
+
+    def _idle(self, idle: bool) -> None:
+        if self._on_idle is not None:
+            self._on_idle(self.pid, idle)
 
     # --- the loop ------------------------------------------------------------------------------
     def _call(self, sys: str, args: dict[str, Any], cap: str | None = None, *, from_turn: bool = True) -> Reply:

@@ -43,6 +43,9 @@ class KernelConfig:
     #: "attenuation", "approvals", "confinement", "cascade", "jit-sandbox" (JIT tools run unsandboxed).
     ablate: tuple[str, ...] = ()
     approvals_per_minute: int = 20
+    #: Seconds a hosted process may sit idle between turns before its host hibernates it (stops
+    #: its actor, keeps its affordances, starts it again on its next message); 0 or less: never.
+    hibernate_after_s: float = 300.0
     #: What the kernel records of each model call: "off", "metadata" (model, tokens, latency, stop
     #: reason, cost estimate) or "full" (plus the request and the response, secrets redacted).
     llm_observe: str = "metadata"

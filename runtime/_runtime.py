@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import resource
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -132,6 +133,9 @@ class Runtime:
         os.ftruncate(self._lock_fd, 0)
         os.pwrite(self._lock_fd, str(os.getpid()).encode(), 0)
         self.context: zmq.Context[Any] = zmq.Context()
+        # Every live process holds a socket: ZeroMQ's default of 1023 would cap a host far below
+        # its thread ceiling, so the open-files limit is the cap (raise `ulimit -n` for more).
+        self.context.set(zmq.MAX_SOCKETS, max(1023, resource.getrlimit(resource.RLIMIT_NOFILE)[0]))
         tag = f"{os.getpid()}-{id(self)}"
         self.inproc_endpoint = f"inproc://agentlibos-kernel-{tag}"
         self.inproc_events = f"inproc://agentlibos-events-{tag}"
@@ -162,7 +166,7 @@ class Runtime:
         # The `jit-sandbox` ablation (benchmark only) runs JIT tools without their sandbox.
         jit_options = {"sandbox": False} if "jit-sandbox" in self.config.ablate else None
         self.host = ProcessHost(self.context, self.inproc_endpoint, self.config.host_token, observer=self._observer,
-                                jit_options=jit_options)
+                                jit_options=jit_options, hibernate_after_s=self.config.hibernate_after_s)
         self.host.start()
         self._started = True
         return self
