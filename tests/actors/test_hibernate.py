@@ -4,75 +4,30 @@ on its next message, unseen by the kernel: same conversation, affordances, capab
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from agentlibos.actors import ScriptedModel
-from agentlibos.bus import EventStream, Reply, Topic
-from agentlibos.kernel._models import CompletionRequest
+from agentlibos.bus import Topic
 from agentlibos.kernel._replay import replay_log
 from agentlibos.runtime import Grant, Runtime
+from tests.hosted import DOCS, EVERYTHING, Observer, Recording, next_event
+from tests.hosted import session as hosted_session
 
-DOCS = Grant("fs", {"root": "docs"}, ["read"], name="docs")
-EVERYTHING = Grant("fs", {"root": "."}, ["read"], name="all")
 READ_DOCS = {"tool": "fs_read", "args": {"path": "docs/a.txt"}}
 READ_SECRET = {"tool": "fs_read", "args": {"path": "secret.txt"}, "cap": "all"}
 SHOUT = {"name": "shout", "source": "export default async function (input, sys) { return 1 }"}
 NAP = 0.05
 
 
-class Observer:
-    """Every tool call's reply, in order; tests wait on the count, never on time."""
-
-    def __init__(self) -> None:
-        self.cond = threading.Condition()
-        self.replies: list[Reply] = []
-
-    def tool_result(self, pid: int, image: str, call: dict[str, Any], reply: Reply) -> None:
-        with self.cond:
-            self.replies.append(reply)
-            self.cond.notify_all()
-
-    def wait_for(self, n: int, timeout_s: float = 30) -> list[Reply]:
-        with self.cond:
-            assert self.cond.wait_for(lambda: len(self.replies) >= n, timeout_s), f"saw {len(self.replies)} of {n}"
-            return list(self.replies)
-
-
-class Recording:
-    """A scripted model that keeps every request; `inner` is replaced to script the next turn."""
-
-    def __init__(self, scripts: dict[str, list[dict[str, Any]]]) -> None:
-        self.inner = ScriptedModel(scripts)
-        self.requests: list[CompletionRequest] = []
-
-    def complete(self, request: CompletionRequest) -> Any:
-        self.requests.append(request)
-        return self.inner.complete(request)
-
-
 def session(tmp_path: Path, model: Any, observer: Observer | None = None, hibernate_after_s: float = NAP) -> Runtime:
-    root = tmp_path / "world"
-    (root / "docs").mkdir(parents=True, exist_ok=True)
-    (root / "docs" / "a.txt").write_text("alpha")
-    (root / "secret.txt").write_text("secret")
-    return Runtime(tmp_path / "state", world_root=root, ipc=False, models={"scripted": model}, observer=observer,
-                   hibernate_after_s=hibernate_after_s)
+    return hosted_session(tmp_path, model, observer, hibernate_after_s=hibernate_after_s)
 
 
 def actor_threads() -> set[threading.Thread]:
     return {t for t in threading.enumerate() if t.name.startswith("AgentProcess-")}
-
-
-def next_event(events: EventStream, match: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
-    while True:
-        ev = events.next_event(timeout_s=30)
-        assert ev is not None, "the event did not come"
-        if match(ev[1]):
-            return ev[1]
 
 
 def test_an_idle_daemon_hibernates_and_wakes_on_its_next_message(tmp_path: Path) -> None:

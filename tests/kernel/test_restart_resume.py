@@ -4,7 +4,6 @@ capabilities, budget and `self` memory; busy ones end interrupted; only the host
 from __future__ import annotations
 
 import shutil
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,58 +11,11 @@ from typing import Any
 import pytest
 
 from agentlibos.actors import ScriptedModel
-from agentlibos.bus import EventStream, KernelClient, KernelError, Reply, Topic
-from agentlibos.kernel._models import CompletionRequest
+from agentlibos.bus import KernelClient, KernelError, Topic
 from agentlibos.kernel._replay import replay_log
 from agentlibos.runtime import Grant, Runtime
 from agentlibos.storage import SQLiteLog
-
-DOCS = Grant("fs", {"root": "docs"}, ["read"], name="docs")
-EVERYTHING = Grant("fs", {"root": "."}, ["read"], name="all")
-
-
-class Observer:
-    """Every tool call's reply, in order; tests wait on the count, never on time."""
-
-    def __init__(self) -> None:
-        self.cond = threading.Condition()
-        self.replies: list[Reply] = []
-
-    def tool_result(self, pid: int, image: str, call: dict[str, Any], reply: Reply) -> None:
-        with self.cond:
-            self.replies.append(reply)
-            self.cond.notify_all()
-
-    def wait_for(self, n: int, timeout_s: float = 30) -> list[Reply]:
-        with self.cond:
-            assert self.cond.wait_for(lambda: len(self.replies) >= n, timeout_s), f"saw {len(self.replies)} of {n}"
-            return list(self.replies)
-
-
-class Recording:
-    """A scripted model that keeps every request: what the agent showed the model."""
-
-    def __init__(self, scripts: dict[str, list[dict[str, Any]]]) -> None:
-        self.inner = ScriptedModel(scripts)
-        self.requests: list[CompletionRequest] = []
-
-    def complete(self, request: CompletionRequest) -> Any:
-        self.requests.append(request)
-        return self.inner.complete(request)
-
-
-def world(tmp_path: Path) -> Path:
-    root = tmp_path / "world"
-    (root / "docs").mkdir(parents=True, exist_ok=True)
-    (root / "docs" / "a.txt").write_text("alpha")
-    (root / "secret.txt").write_text("secret")
-    return root
-
-
-def session(tmp_path: Path, model: Any = None, observer: Observer | None = None) -> Runtime:
-    return Runtime(tmp_path / "state", world_root=world(tmp_path), ipc=False,
-                   models={"scripted": model or ScriptedModel({})}, observer=observer)
-
+from tests.hosted import DOCS, EVERYTHING, Observer, Recording, next_event, session
 
 def code_of(fn: Callable[[], Any]) -> str:
     with pytest.raises(KernelError) as ei:
@@ -73,14 +25,6 @@ def code_of(fn: Callable[[], Any]) -> str:
 
 def states(rt: Runtime, pid: int) -> list[tuple[str, str | None]]:
     return [(p["state"], p["status"]) for p in rt.ps() if p["pid"] == pid]
-
-
-def next_event(events: EventStream, match: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
-    while True:
-        ev = events.next_event(timeout_s=30)
-        assert ev is not None, "the event did not come"
-        if match(ev[1]):
-            return ev[1]
 
 
 def test_an_idle_hosted_daemon_carries_on_with_its_conversation(tmp_path: Path) -> None:
