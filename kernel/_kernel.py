@@ -241,6 +241,10 @@ class Kernel(OperatorMixin, WorldMixin, AgentMixin):
         except KernelError as exc:
             self._reply(conn, Reply(req.id, False, error=exc))
             return
+        except Exception as exc:  # the host gets an answer, and the rest of the round is served
+            log.exception("kernel: %s failed", req.sys)
+            self._reply(conn, Reply.failure(req.id, "EIO", f"kernel error in {req.sys}: {type(exc).__name__}: {exc}"))
+            return
         self._reply(conn, Reply(req.id, True, value))
 
     def _host_park(self, args: dict[str, Any]) -> dict[str, Any]:
