@@ -74,10 +74,13 @@ class ProcessHost:
         # Set while the host thread polls with no deadline: the next process to go idle wakes it.
         self._waits_forever = False
         self._wake_w: socket.socket | None = None
+        # Processes that could not run (pid, why), for the host thread to report (host.failed).
+        self._failures: list[tuple[int, str]] = []
+        self._rid = 1 << 20
         self._ready = threading.Event()
         self._error: str | None = None
         self._thread = threading.Thread(target=self._run, name="agentlibos-host", daemon=True)
-        self._control = f"inproc://agentlibos-host-{id(self)}"
+        self._stopping = False
 
     def jit_runner(self) -> JitRunner:
         """The host's Deno runner for JIT tools, started on first use and shared by its processes."""
@@ -96,15 +99,14 @@ class ProcessHost:
     def stop(self) -> None:
         """Stop every process; first hand the kernel the affordances of those idle between turns
         (host.park), so that they carry on if the kernel stops cleanly next."""
-        ctl = self._ctx.socket(zmq.PAIR)
-        ctl.setsockopt(zmq.LINGER, 0)
-        ctl.connect(self._control)
-        try:
-            ctl.send(b"stop", zmq.NOBLOCK)  # a host thread that already died has no peer: never block
-        except zmq.Again:
-            pass
+        # Through the wake pipe, not a new socket: a host at its socket limit must still stop.
+        self._stopping = True
+        if self._wake_w is not None:
+            try:
+                self._wake_w.send(b"\0")
+            except OSError:  # a byte is already waiting, or the host thread has ended
+                pass
         self._thread.join(10)
-        ctl.close(0)
         with self._lock:
             refs = list(self.actors.values())
             self.actors.clear()
@@ -133,9 +135,6 @@ class ProcessHost:
     def _run(self) -> None:
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
-        ctl = self._ctx.socket(zmq.PAIR)
-        ctl.setsockopt(zmq.LINGER, 0)
-        ctl.bind(self._control)
         wake_r, self._wake_w = socket.socketpair()
         wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -154,12 +153,11 @@ class ProcessHost:
             self._ready.set()
             poller = zmq.Poller()
             poller.register(sock, zmq.POLLIN)
-            poller.register(ctl, zmq.POLLIN)
             wake = wake_r.fileno()
             poller.register(wake, zmq.POLLIN)
             while True:
                 events = dict(poller.poll(self._next_due_ms()))
-                if ctl in events:
+                if self._stopping:
                     self._park(sock)
                     return
                 if wake in events:
@@ -172,10 +170,10 @@ class ProcessHost:
                         msg = None
                     if isinstance(msg, Command):
                         self._command(msg)
+                self._report_failures(sock)
                 self._hibernate_due()
         finally:
             sock.close(0)
-            ctl.close(0)
             wake_r.close()
             self._wake_w.close()
 
@@ -342,11 +340,41 @@ class ProcessHost:
     def _launch(self, spec: ProcessSpec) -> None:
         with self._lock:
             self._specs[spec.pid] = spec
-        ref = AgentProcess.start(spec, self._endpoint, self._ctx, observer=self.observer, on_exit=self._gone,
-                                 on_idle=self._on_idle, jit=self.jit_runner)
+        try:
+            ref = AgentProcess.start(spec, self._endpoint, self._ctx, observer=self.observer, on_exit=self._gone,
+                                     on_idle=self._on_idle, on_failed=self._failed, jit=self.jit_runner)
+        except Exception as exc:  # no thread left for it, say
+            log.error("host: could not start process %s: %s", spec.pid, exc)
+            self._failed(spec.pid, f"{type(exc).__name__}: {exc}")
+            self._gone(spec.pid)
+            return
         with self._lock:
             if ref.is_alive():  # else it has ended already, and its on_exit found nothing to drop
                 self.actors[spec.pid] = ref
+
+    def _failed(self, pid: int, why: str) -> None:
+        """From any thread: process `pid` cannot run here. The host thread tells the kernel."""
+        with self._lock:
+            self._failures.append((pid, why))
+        if self._wake_w is not None:
+            try:
+                self._wake_w.send(b"\0")
+            except OSError:  # a byte is already waiting, or the host thread has ended
+                pass
+
+    def _report_failures(self, sock: zmq.Socket[Any]) -> None:
+        """host.failed for each process that could not run: the kernel ends it with status error
+        (its reply needs no wait: nothing here depends on it)."""
+        with self._lock:
+            if not self._failures:
+                return
+            failures, self._failures = self._failures, []
+        for pid, why in failures:
+            self._rid += 1
+            try:
+                sock.send(Request(self._rid, "host.failed", {"pid": pid, "reason": why[:1000]}).encode())
+            except zmq.ZMQError as exc:
+                log.error("host: could not report that process %s cannot run: %s", pid, exc)
 
     def _tell(self, pid: int, msg: Any) -> None:
         with self._lock:

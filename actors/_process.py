@@ -52,6 +52,7 @@ class AgentProcess(pykka.ThreadingActor):
         observer: ToolObserver | None = None,
         on_exit: Callable[[int], None] | None = None,
         on_idle: Callable[[int, bool], None] | None = None,
+        on_failed: Callable[[int, str], None] | None = None,
         jit: Callable[[], JitRunner] | None = None,
     ) -> None:
         super().__init__()
@@ -73,12 +74,23 @@ class AgentProcess(pykka.ThreadingActor):
         # Told when the process goes idle between turns (True) and when a turn starts (False), so
         # that its host can hibernate one idle too long.
         self._on_idle = on_idle
+        self._on_failed = on_failed
         self._client: KernelClient | None = None
         self._last_turn_seq: int | None = None
         self._interrupted = False
 
     def on_start(self) -> None:
-        self._client = KernelClient(self._endpoint, context=self._ctx, token=self.spec.token, timeout_s=None)
+        try:
+            self._client = KernelClient(self._endpoint, context=self._ctx, token=self.spec.token, timeout_s=None)
+        except (BusError, KernelError, zmq.ZMQError) as exc:
+            # It cannot reach the kernel (no socket left, say): the host reports it, so that the
+            # kernel ends the process rather than leave it waiting for a hello that never comes.
+            log.error("process %s cannot reach the kernel: %s", self.pid, exc)
+            self.state = "exited"
+            if self._on_failed is not None:
+                self._on_failed(self.pid, f"{type(exc).__name__}: {exc}")
+            self.actor_ref.stop(block=False)
+            return
         self.state = "ready"
         if self.spec.input is not None:
             self.actor_ref.tell(Input(self.spec.input))

@@ -264,6 +264,20 @@ class Kernel(OperatorMixin, WorldMixin, AgentMixin):
         self._host_parked[proc.pid] = {"messages": args["messages"], "jit_tools": tools, "instructions": instructions}
         return {"pid": proc.pid, "parked": True}
 
+    def _host_failed(self, args: dict[str, Any]) -> dict[str, Any]:
+        """The host could not run this process: it ends with status error (logged, and replayed
+        as a stimulus), so that nobody waits on a process that will never attach."""
+        proc = self.procs.get(args["pid"])
+        if proc is None or proc.state not in LIVE:
+            raise KernelError("ENOENT", f"no live process {args['pid']}")
+        if proc.external:
+            raise KernelError("EPERM", f"process {proc.pid} is run by an outside client, not by the host")
+        reason = args["reason"][:500]
+        self._stage("host", {"sys": "host.failed"}, pid=proc.pid, payload={"pid": proc.pid, "reason": reason},
+                    has_payload=True)
+        self._exit(proc, "error", f"the process host could not run it: {reason}")
+        return {"pid": proc.pid}
+
     # --- a clean stop and the restart after it -------------------------------------------------
     def _resume_state(self) -> dict[str, Any] | None:
         """At a clean stop: what lets processes carry on after a restart: outside (external)

@@ -19,6 +19,7 @@ from agentlibos.kernel._kstate import LIVE
 from agentlibos.storage import NO_PAYLOAD, LogEntry, SQLiteLog, digest
 
 OPERATOR_CONN = b"\x00operator"
+HOST_CONN = b"\x00host"
 #: Body fields that record where and when a run happened, not what it decided.
 VOLATILE = {"kernel.start": {"pid", "world_root"}}
 
@@ -243,6 +244,10 @@ def replay(entries: Iterable[LogEntry], payload_of: Any, config: KernelConfig, *
         if e.kind == "op":
             rid += 1
             k._handle(OPERATOR_CONN, Request(rid, body["sys"], payload(e), None, e.cause))
+            return True
+        if e.kind == "host":  # what the process host reported (a process it could not run)
+            rid += 1
+            k._host_request(HOST_CONN, Request(rid, body["sys"], payload(e), None, e.cause))
             return True
         if e.kind == "sys" and e.pid is None and body.get("decision") == "reject":
             # The operator asked for something that is not an operator request.

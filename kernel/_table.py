@@ -203,6 +203,9 @@ SYSCALLS: dict[str, SyscallSpec] = {
         _row("host.park", "pid:int messages:list jit_tools:map? instructions:list?", None, "", "", "host",
              "at a clean stop, an idle hosted process's affordances, so that it resumes after the restart",
              "host"),
+        _row("host.failed", "pid:int reason:str", None, "", "", "host",
+             "a hosted process the host could not run (no socket or thread left): it ends with status error",
+             "host"),
     ]
 }
 

@@ -71,6 +71,10 @@ def _grant_wire(g: Grant | Mapping[str, Any]) -> dict[str, Any]:
     return g.to_wire() if isinstance(g, Grant) else dict(g)
 
 
+#: Open files kept for everything but process sockets (see `Runtime.start`).
+FD_RESERVE = 1024
+
+
 class Runtime:
     """An embedded kernel on a state directory, with a process host and an operator connection.
 
@@ -134,8 +138,10 @@ class Runtime:
         os.pwrite(self._lock_fd, str(os.getpid()).encode(), 0)
         self.context: zmq.Context[Any] = zmq.Context()
         # Every live process holds a socket: ZeroMQ's default of 1023 would cap a host far below
-        # its thread ceiling, so the open-files limit is the cap (raise `ulimit -n` for more).
-        self.context.set(zmq.MAX_SOCKETS, max(1023, resource.getrlimit(resource.RLIMIT_NOFILE)[0]))
+        # its thread ceiling, so the open-files limit is the cap (raise `ulimit -n` for more), less
+        # a reserve for the log, pipes, PTYs and subprocesses. A process past it ends with an error.
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.context.set(zmq.MAX_SOCKETS, max(1023, nofile - FD_RESERVE))
         tag = f"{os.getpid()}-{id(self)}"
         self.inproc_endpoint = f"inproc://agentlibos-kernel-{tag}"
         self.inproc_events = f"inproc://agentlibos-events-{tag}"
