@@ -18,14 +18,12 @@ from rich.table import Table
 from agentlibos.bus import BusError, KernelError
 from agentlibos.cli._common import _operator, console, err, state_option
 from agentlibos.cli._common import _op_call as _call
-from agentlibos.kernel import DIMENSIONS, LIVE
+from agentlibos.kernel import DIMENSIONS, GRANT_FIELDS, LIVE
 
 __all__ = ["COMMANDS"]
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the kernel's answer as JSON.")
 
-#: The fields of a grant on the wire (op.spawn's caps, op.grant): anything else is a typo.
-GRANT_FIELDS = ("kind", "scope", "rights", "approval", "expires_in_s", "uses", "name")
 
 
 def _refused(exc: KernelError) -> NoReturn:
@@ -90,9 +88,9 @@ def _grant_problem(g: Any) -> str | None:
     """What is wrong with a grant's shape, or None; the kernel still checks scope and rights."""
     if not isinstance(g, dict):
         return f"a capability is a mapping {{kind, scope, rights, ...}}, not {json.dumps(g, default=str)}"
-    unknown = sorted(set(g) - set(GRANT_FIELDS), key=str)
+    unknown = sorted(set(g) - GRANT_FIELDS, key=str)
     if unknown:
-        return f"unknown capability field {unknown[0]!r} (fields: {', '.join(GRANT_FIELDS)})"
+        return f"unknown capability field {unknown[0]!r} (fields: {', '.join(sorted(GRANT_FIELDS))})"
     if not isinstance(g.get("kind"), str):
         return "a capability needs a kind (fs, shell, memory, llm, ...)"
     return None

@@ -1,7 +1,7 @@
 """The kernel: the Kernel actor, capabilities, the syscall table, budgets and effect providers."""
 
 from agentlibos.kernel._budget import DIMENSIONS, BudgetNode, BudgetTree, parse_budget
-from agentlibos.kernel._caps import KIND_RIGHTS, KINDS, CapRecord, CapTable, Narrow, scope_within, validate_scope
+from agentlibos.kernel._caps import GRANT_FIELDS, KIND_RIGHTS, KINDS, CapRecord, CapTable, Narrow, scope_within, validate_scope
 from agentlibos.kernel._config import KernelConfig
 from agentlibos.kernel._inbox import Inbound
 from agentlibos.kernel._kagent import read_skill_folder
@@ -28,6 +28,7 @@ __all__ = [
     "CompletionRequest",
     "DIMENSIONS",
     "EffectDone",
+    "GRANT_FIELDS",
     "Inbound",
     "Inspect",
     "KINDS",

@@ -35,6 +35,23 @@ BUILTIN_KINDS = frozenset(KIND_RIGHTS)
 KINDS = BUILTIN_KINDS
 APPROVALS = ("never", "always")
 NARROW_FIELDS = frozenset({"scope", "rights", "approval", "expires_in_s", "uses"})
+#: The fields of a grant on the wire (op.spawn's caps and requestable ceiling, op.grant).
+GRANT_FIELDS = frozenset({"kind", "scope", "rights", "approval", "expires_in_s", "uses", "name"})
+
+
+def check_limits(raw: Mapping[str, Any], what: str) -> None:
+    """`approval`, `expires_in_s` and `uses` of a grant or a narrow, when given, are well-formed."""
+    approval = raw.get("approval")
+    if approval is not None and approval not in APPROVALS:
+        raise KernelError("EINVAL", f"{what}approval must be 'never' or 'always'")
+    exp = raw.get("expires_in_s")
+    if exp is not None and (
+        not isinstance(exp, numbers.Real) or isinstance(exp, bool) or not math.isfinite(exp) or exp < 0
+    ):
+        raise KernelError("EINVAL", f"{what}expires_in_s must be a non-negative number of seconds")
+    uses = raw.get("uses")
+    if uses is not None and (not isinstance(uses, int) or isinstance(uses, bool) or uses < 0):
+        raise KernelError("EINVAL", f"{what}uses must be a non-negative integer")
 
 # Scope keys per kind and their types; anything else in a scope is EINVAL (deny by default).
 _LIST = "list[str]"
@@ -343,17 +360,8 @@ class Narrow:
         rights = raw.get("rights")
         if rights is not None and (not isinstance(rights, list) or not all(isinstance(r, str) for r in rights)):
             raise KernelError("EINVAL", "narrow.rights must be a list of strings")
-        approval = raw.get("approval")
-        if approval is not None and approval not in APPROVALS:
-            raise KernelError("EINVAL", "narrow.approval must be 'never' or 'always'")
-        exp = raw.get("expires_in_s")
-        if exp is not None and (
-            not isinstance(exp, numbers.Real) or isinstance(exp, bool) or not math.isfinite(exp) or exp < 0
-        ):
-            raise KernelError("EINVAL", "narrow.expires_in_s must be a non-negative number")
-        uses = raw.get("uses")
-        if uses is not None and (not isinstance(uses, int) or isinstance(uses, bool) or uses < 0):
-            raise KernelError("EINVAL", "narrow.uses must be a non-negative integer")
+        check_limits(raw, "narrow.")
+        approval, exp, uses = raw.get("approval"), raw.get("expires_in_s"), raw.get("uses")
         return cls(
             scope=dict(scope) if scope is not None else None,
             rights=frozenset(rights) if rights is not None else None,

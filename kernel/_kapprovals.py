@@ -8,7 +8,6 @@ import re
 import threading
 from typing import Any
 
-import pykka
 
 from agentlibos.bus import KernelError, Topic
 from agentlibos.kernel._caps import CapRecord
@@ -74,10 +73,7 @@ class ApprovalsMixin(ProcsMixin):
         return True
 
     def _fire_approval(self, aid: int) -> None:
-        try:
-            self.actor_ref.tell(ApprovalTimeout(aid))
-        except pykka.ActorDeadError:
-            pass
+        self._post(ApprovalTimeout(aid))
 
     def _decide_approval(self, aid: int, approve: bool, *, author: str, reason: str = "", answer: Any = None,
                          remember: bool = False, cause: int | None = None) -> dict[str, Any]:

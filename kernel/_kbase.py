@@ -73,6 +73,14 @@ class KernelBase(pykka.ThreadingActor):
     _routers: RouterSet
     _pub: Publisher
 
+    def _post(self, msg: Any) -> None:
+        """From any thread (a timer, an effect, a provider): a message for this kernel's own loop;
+        a kernel that has stopped takes none."""
+        try:
+            self.actor_ref.tell(msg)
+        except pykka.ActorDeadError:
+            pass
+
     def _check_value_size(self, value: Any, what: str) -> int:
         """A value a process stores or sends (memory, messages) must encode, within the size limit;
         returns its encoded size."""

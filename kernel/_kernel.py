@@ -17,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
-import pykka
 import zmq
 
 from agentlibos.bus import DENIAL_CODES, Hello, KernelError, LogWriteError, Publisher, Reply, Request, RouterSet, Topic
@@ -543,10 +542,7 @@ class Kernel(OperatorMixin, WorldMixin, AgentMixin):
             return []
 
     def _notice(self, kind: str, body: dict[str, Any]) -> None:  # any thread
-        try:
-            self.actor_ref.tell(ProviderNotice(kind, dict(body)))
-        except pykka.ActorDeadError:
-            pass
+        self._post(ProviderNotice(kind, dict(body)))
 
     def clock(self) -> float:
         return self._tick
@@ -671,10 +667,7 @@ class Kernel(OperatorMixin, WorldMixin, AgentMixin):
             msg = EffectDone(ticket, error=exc)
         except Exception as exc:  # a crash in a provider is an EIO reply, never a dead kernel
             msg = EffectDone(ticket, error=KernelError("EIO", f"provider failed: {type(exc).__name__}: {exc}"))
-        try:
-            self.actor_ref.tell(msg)
-        except pykka.ActorDeadError:
-            pass
+        self._post(msg)
 
     # --- dispatch ------------------------------------------------------------------------------
     def _handle(self, conn: bytes, msg: Any) -> None:

@@ -4,13 +4,12 @@ images, spawn, grants and revocation, suspend, resume, interrupt, deadlines, app
 
 from __future__ import annotations
 
-import math
 import threading
 from typing import Any
 
 from agentlibos.bus import Command, KernelError, Request, Topic
 from agentlibos.kernel._budget import parse_budget
-from agentlibos.kernel._caps import APPROVALS, CapRecord, validate_rights, validate_scope
+from agentlibos.kernel._caps import GRANT_FIELDS, CapRecord, check_limits, validate_rights, validate_scope
 from agentlibos.kernel._kapprovals import ApprovalsMixin, _sanitize
 from agentlibos.kernel._kckpt import CheckpointsMixin, image_digest
 from agentlibos.kernel._kstate import LIVE, Parked
@@ -18,8 +17,6 @@ from agentlibos.kernel._table import SyscallSpec
 
 #: What an `_op_*` method returns when it parked the request: the reply comes when the wait ends.
 _PARKED = object()
-#: The fields of a grant (op.spawn's caps and requestable ceiling, op.grant).
-GRANT_FIELDS = frozenset({"kind", "scope", "rights", "approval", "expires_in_s", "uses", "name"})
 
 
 class OperatorMixin(ApprovalsMixin, CheckpointsMixin):
@@ -63,15 +60,7 @@ class OperatorMixin(ApprovalsMixin, CheckpointsMixin):
             raise KernelError("EINVAL", f"{what}: unknown capability kind {str(kind)[:64]!r}")
         validate_scope(kind, g.get("scope", {}))
         validate_rights(kind, g.get("rights", []))
-        if g.get("approval", "never") not in APPROVALS:
-            raise KernelError("EINVAL", f"{what}: approval must be 'never' or 'always'")
-        exp = g.get("expires_in_s")
-        if exp is not None and (not isinstance(exp, (int, float)) or isinstance(exp, bool) or not math.isfinite(exp)
-                                or exp < 0):
-            raise KernelError("EINVAL", f"{what}: expires_in_s must be a non-negative number of seconds")
-        uses = g.get("uses")
-        if uses is not None and (not isinstance(uses, int) or isinstance(uses, bool) or uses < 0):
-            raise KernelError("EINVAL", f"{what}: uses must be a non-negative integer")
+        check_limits(g, f"{what}: ")
         name = g.get("name")
         if name is not None and (not isinstance(name, str) or not name or len(name) > 64):
             raise KernelError("EINVAL", f"{what}: a handle name is a non-empty string of at most 64 characters")

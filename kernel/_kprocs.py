@@ -11,7 +11,6 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-import pykka
 
 from agentlibos.bus import Command, KernelError, Topic
 from agentlibos.kernel._budget import parse_budget
@@ -130,10 +129,7 @@ class ProcsMixin(CapsMixin):
     def _fire_deadline(self, pid: int) -> None:
         proc = self.procs.get(pid)
         token = id(proc.deadline_timer) if proc is not None and proc.deadline_timer is not None else 0
-        try:
-            self.actor_ref.tell(DeadlineFired(pid, token))
-        except pykka.ActorDeadError:
-            pass
+        self._post(DeadlineFired(pid, token))
 
     def _deadline(self, proc: Proc) -> None:
         proc.deadline_timer = None
@@ -162,10 +158,7 @@ class ProcsMixin(CapsMixin):
         return True
 
     def _fire(self, key: int) -> None:
-        try:
-            self.actor_ref.tell(TimerFired(key))
-        except pykka.ActorDeadError:
-            pass
+        self._post(TimerFired(key))
 
     def _timer_fired(self, key: int) -> None:
         p = self._parked.get(key)
