@@ -107,6 +107,8 @@ class ProcessHost:
             except OSError:  # a byte is already waiting, or the host thread has ended
                 pass
         self._thread.join(10)
+        if self._thread.is_alive():
+            log.error("host: the host thread did not end within 10 s of the stop; its processes end interrupted")
         with self._lock:
             refs = list(self.actors.values())
             self.actors.clear()
@@ -157,11 +159,13 @@ class ProcessHost:
             poller.register(wake, zmq.POLLIN)
             while True:
                 events = dict(poller.poll(self._next_due_ms()))
+                if wake in events:
+                    _drain(wake_r)
+                # After the drain: stop() sets the flag before its byte, so a byte drained here
+                # cannot hide a stop.
                 if self._stopping:
                     self._park(sock)
                     return
-                if wake in events:
-                    _drain(wake_r)
                 if sock in events:
                     try:
                         msg = decode(sock.recv())
@@ -172,6 +176,8 @@ class ProcessHost:
                         self._command(msg)
                 self._report_failures(sock)
                 self._hibernate_due()
+        except zmq.ContextTerminated:  # the runtime ended without this thread: nothing left to serve
+            log.error("host: the ZeroMQ context ended under the host thread")
         finally:
             sock.close(0)
             wake_r.close()
