@@ -19,7 +19,7 @@ import pykka
 import zmq
 
 from agentlibos.actors._jit import JitRunner
-from agentlibos.actors._messages import Input, Park, ProcessSpec, Stop
+from agentlibos.actors._messages import Input, Park, ProcessSpec, Restore, Stop
 from agentlibos.actors._process import AgentProcess, ToolObserver
 from agentlibos.bus import Command, Hello, ProtocolError, Reply, Request, decode
 
@@ -333,6 +333,17 @@ class ProcessHost:
                 # Its Park, if one is due, would wait behind this turn: it is not idle any more.
                 self._on_idle(cmd.pid, False)
                 self._tell(cmd.pid, Input(content))
+        elif cmd.op == "restore":
+            restored = cmd.body.get("restored") or {}
+            with self._lock:
+                asleep = self.hibernated.get(cmd.pid)
+                if asleep is not None:  # it wakes with the checkpoint's affordances
+                    a = asleep.affordances
+                    self.hibernated[cmd.pid] = replace(asleep, affordances={
+                        **a, "messages": list(restored.get("messages") or []),
+                        "jit_tools": dict(restored.get("jit_tools") or {})})
+            if asleep is None:
+                self._tell(cmd.pid, Restore(restored))
         elif cmd.op == "stop":
             with self._lock:
                 asleep = self.hibernated.pop(cmd.pid, None)

@@ -29,6 +29,14 @@ class Park:
 
 
 @dataclass(frozen=True, slots=True)
+class Restore:
+    """The operator rolled the process back to a checkpoint: from its next turn, the model sees the
+    checkpoint's conversation and JIT tools (the kernel restored the authority side already)."""
+
+    affordances: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
 class ProcessSpec:
     """What the host needs to start a process the kernel has decided to start."""
 

@@ -13,7 +13,7 @@ import pykka
 import zmq
 
 from agentlibos.actors._jit import JitRunner
-from agentlibos.actors._messages import Input, Park, ProcessSpec, Stop
+from agentlibos.actors._messages import Input, Park, ProcessSpec, Restore, Stop
 from agentlibos.actors._tools import syscall_for, tool_definitions
 from agentlibos.bus import BusError, KernelClient, KernelError, Reply
 
@@ -115,6 +115,10 @@ class AgentProcess(pykka.ThreadingActor):
                 return None
             return {"messages": list(self.messages), "jit_tools": {k: dict(v) for k, v in self.jit_tools.items()},
                     "instructions": list(self.instructions)}
+        if isinstance(message, Restore):
+            # In the inbox's order: a turn that was under way when the operator restored has ended.
+            self._restore(message.affordances)
+            return None
         if isinstance(message, Input):
             self._idle(False)
             status, result = "ok", None

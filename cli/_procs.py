@@ -1,4 +1,5 @@
-"""`agentlibos spawn|kill|caps|grant|revoke|wait|budget|mem`: what an agent may touch, and stopping it.
+"""`agentlibos spawn|kill|caps|grant|revoke|wait|budget|mem|ckpt`: what an agent may touch, stopping it,
+and rolling it back.
 
 Each command is one operator request (`op.*`) to the kernel running on --state; cli/_main.py registers them.
 """
@@ -147,22 +148,55 @@ def _caps_file(ctx: click.Context, param: click.Parameter, value: str | None) ->
     return data
 
 
+def _process_options(fn: Any) -> Any:
+    """What a new root process gets (spawn, ckpt fork): capabilities, budget, first input, and how it runs."""
+    for option in reversed([
+        click.option("--cap", "caps", type=_Grant(), multiple=True, metavar="YAML",
+                     help="A capability the process holds, as YAML or JSON: {kind, scope, rights, approval?, "
+                          "expires_in_s?, uses?, name?}. Repeatable; with --caps-file's, the only authority the "
+                          "process gets."),
+        click.option("--caps-file", "caps_file", callback=_caps_file, type=click.Path(exists=True, dir_okay=False),
+                     help="A YAML file with a list of capabilities (or a mapping with them under `caps:`)."),
+        click.option("--budget", "budget", type=_Budget(), multiple=True, metavar="DIM=AMOUNT",
+                     help=f"A budget limit, repeatable (dimensions: {', '.join(DIMENSIONS)}); default: the image's."),
+        click.option("--input", "input_text", metavar="TEXT",
+                     help="The process's first input. Without it the process waits for `agentlibos send PID TEXT`."),
+        click.option("--daemon", is_flag=True, help="Keep the process alive between inputs instead of ending after one."),
+        click.option("--external", is_flag=True,
+                     help="No host runs it: print a token an outside client says hello with (docs/protocol.md)."),
+        state_option,
+        json_option,
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def _start(state: str, sys_name: str, args: dict[str, Any], caps: tuple[dict[str, Any], ...],
+           caps_file: list[dict[str, Any]], budget: tuple[tuple[str, float], ...], input_text: str | None,
+           daemon: bool, external: bool, as_json: bool, what: str) -> None:
+    """op.spawn or op.ckpt.fork with the options of `_process_options`; prints the new pid (and token)."""
+    args = {**args, "caps": [*caps, *caps_file]}
+    if budget:
+        args["budget"] = dict(budget)
+    if input_text is not None:
+        args["input"] = input_text
+    if daemon:
+        args["daemon"] = True
+    if external:
+        args["external"] = True
+    out = _call(state, sys_name, args)
+    if as_json:
+        _echo_json(out)
+        return
+    console.print(f"spawned process {out['pid']} from {escape(what)} with {len(args['caps'])} capabilities")
+    if "token" in out:
+        console.print(f"token (secret: whoever holds it acts as process {out['pid']}): {escape(out['token'])}",
+                      soft_wrap=True)
+
+
 @click.command("spawn")
 @click.argument("image")
-@click.option("--cap", "caps", type=_Grant(), multiple=True, metavar="YAML",
-              help="A capability the process holds, as YAML or JSON: {kind, scope, rights, approval?, expires_in_s?, "
-                   "uses?, name?}. Repeatable; with --caps-file's, the only authority the process gets.")
-@click.option("--caps-file", "caps_file", callback=_caps_file, type=click.Path(exists=True, dir_okay=False),
-              help="A YAML file with a list of capabilities (or a mapping with them under `caps:`).")
-@click.option("--budget", "budget", type=_Budget(), multiple=True, metavar="DIM=AMOUNT",
-              help=f"A budget limit, repeatable (dimensions: {', '.join(DIMENSIONS)}); default: the image's.")
-@click.option("--input", "input_text", metavar="TEXT",
-              help="The process's first input. Without it the process waits for `agentlibos send PID TEXT`.")
-@click.option("--daemon", is_flag=True, help="Keep the process alive between inputs instead of ending after one.")
-@click.option("--external", is_flag=True,
-              help="No host runs it: print a token an outside client says hello with (docs/protocol.md).")
-@state_option
-@json_option
+@_process_options
 def spawn_cmd(image: str, caps: tuple[dict[str, Any], ...], caps_file: list[dict[str, Any]],
               budget: tuple[tuple[str, float], ...], input_text: str | None, daemon: bool, external: bool, state: str,
               as_json: bool) -> None:
@@ -179,23 +213,8 @@ def spawn_cmd(image: str, caps: tuple[dict[str, Any], ...], caps_file: list[dict
 
     Exit status 0 spawned, 1 the kernel refused (its code is printed), 2 usage error.
     """
-    args: dict[str, Any] = {"image": image, "caps": [*caps, *caps_file]}
-    if budget:
-        args["budget"] = dict(budget)
-    if input_text is not None:
-        args["input"] = input_text
-    if daemon:
-        args["daemon"] = True
-    if external:
-        args["external"] = True
-    out = _call(state, "op.spawn", args)
-    if as_json:
-        _echo_json(out)
-        return
-    console.print(f"spawned process {out['pid']} from image {escape(image)} with {len(args['caps'])} capabilities")
-    if "token" in out:
-        console.print(f"token (secret: whoever holds it acts as process {out['pid']}): {escape(out['token'])}",
-                      soft_wrap=True)
+    _start(state, "op.spawn", {"image": image}, caps, caps_file, budget, input_text, daemon, external, as_json,
+           f"image {image}")
 
 
 @click.command("kill")
@@ -508,4 +527,121 @@ def mem_put(ns: str, key: str, value: Any, state: str) -> None:
     console.print(f"stored {escape(key)} in {escape(ns)}")
 
 
-COMMANDS = (spawn_cmd, kill_cmd, wait_cmd, caps_cmd, grant_cmd, revoke_cmd, budget_cmd, mem_group)
+# --- checkpoints -----------------------------------------------------------------------------------
+
+
+@click.group("ckpt")
+def ckpt_group() -> None:
+    """Checkpoints: snapshot a process, roll it back, or start a new process from a snapshot.
+
+    A checkpoint holds what the kernel knows of a process: its conversation (to the model's last
+    answer), JIT tools, Skills, its own memory and queues, and which capability records its
+    handles named. A rollback never widens what the process may affect: a capability revoked or
+    expired since stays dead, one granted since is dropped, and budget spent stays spent.
+    CKPT is a checkpoint id or label.
+
+    \b
+    Example:
+      agentlibos ckpt create 3 --label before-migration
+      agentlibos ckpt restore 3 before-migration
+      agentlibos ckpt fork before-migration --cap '{kind: fs, scope: {root: sandbox}, rights: [read]}'
+    """
+
+
+@ckpt_group.command("create")
+@click.argument("pid", type=int)
+@click.option("--label", help="A name to restore or fork it by (the newest checkpoint with a label wins).")
+@state_option
+@json_option
+def ckpt_create(pid: int, label: str | None, state: str, as_json: bool) -> None:
+    """Snapshot live process PID now; prints the checkpoint's id. A process mid-turn is taken as
+    the kernel saw it at its last model request."""
+    out = _call(state, "op.ckpt.create", {"pid": pid, **({"label": label} if label is not None else {})})
+    if as_json:
+        _echo_json(out)
+    else:
+        console.print(f"checkpoint {out['checkpoint']} of process {pid}" + (f" ({escape(label)})" if label else ""))
+
+
+@ckpt_group.command("list")
+@click.argument("pid", type=int, required=False)
+@state_option
+@json_option
+def ckpt_list(pid: int | None, state: str, as_json: bool) -> None:
+    """Every checkpoint (of process PID, if given): who took it (the process or the operator) and
+    the log entry it was taken at."""
+    rows = _call(state, "op.ckpt.list", {} if pid is None else {"pid": pid})["checkpoints"]
+    if as_json:
+        _echo_json(rows)
+        return
+    if not rows:
+        console.print("no checkpoints" + (f" of process {pid}" if pid is not None else ""))
+        return
+    t = Table("ckpt", "pid", "image", "label", "taken by", "at seq")
+    for r in rows:
+        t.add_row(str(r["checkpoint"]), str(r["pid"]), escape(str(r.get("image") or "")),
+                  escape(str(r.get("label") or "")), escape(str(r.get("author"))), str(r.get("log_seq")))
+    console.print(t)
+
+
+@ckpt_group.command("show")
+@click.argument("ckpt")
+@state_option
+@json_option
+def ckpt_show(ckpt: str, state: str, as_json: bool) -> None:
+    """What checkpoint CKPT holds, and what a restore would give back: each handle with the state
+    of the capability record it names now (live, or the error a use would get)."""
+    out = _call(state, "op.ckpt.show", {"checkpoint": ckpt})
+    if as_json:
+        _echo_json(out)
+        return
+    console.print(f"checkpoint {out['checkpoint']} of process {out['pid']} (image {escape(str(out['image']))}), "
+                  f"taken by {escape(str(out['author']))} at seq {out['log_seq']}"
+                  + (f", label {escape(str(out['label']))}" if out.get("label") else ""))
+    console.print(f"conversation: {out['messages']} messages; JIT tools: {escape(', '.join(out['jit_tools']) or '-')}; "
+                  f"Skills: {escape(', '.join(out['skills']) or '-')}; memory keys: {len(out['memory'])}")
+    t = Table("handle", "cap", "kind", "on restore")
+    for h in out["handles"]:
+        live = h["status"] == "live"
+        t.add_row(escape(h["handle"]), str(h["cap"]), escape(str(h.get("kind") or "")),
+                  "[green]live[/green]" if live else f"[red]dead ({escape(str(h['status']))})[/red]")
+    console.print(t)
+
+
+@ckpt_group.command("restore")
+@click.argument("pid", type=int)
+@click.argument("ckpt")
+@state_option
+@json_option
+def ckpt_restore(pid: int, ckpt: str, state: str, as_json: bool) -> None:
+    """Roll process PID back to its checkpoint CKPT: conversation, JIT tools, Skills, memory,
+    queues and handles. A turn in progress finishes first; `agentlibos interrupt PID` (or
+    `suspend`) before stops it. The process then waits for its next input.
+
+    Exit status 0 restored, 1 the kernel refused (EPERM: another process's checkpoint, fork it
+    instead; ENOENT: no such process or checkpoint), 2 usage error.
+    """
+    out = _call(state, "op.ckpt.restore", {"pid": pid, "checkpoint": ckpt})
+    if as_json:
+        _echo_json(out)
+    else:
+        console.print(f"process {pid} restored to checkpoint {out['checkpoint']}; handles: "
+                      f"{escape(', '.join(out['handles']))} (`agentlibos caps {pid}` shows which are live)")
+
+
+@ckpt_group.command("fork")
+@click.argument("ckpt")
+@_process_options
+def ckpt_fork(ckpt: str, caps: tuple[dict[str, Any], ...], caps_file: list[dict[str, Any]],
+              budget: tuple[tuple[str, float], ...], input_text: str | None, daemon: bool, external: bool, state: str,
+              as_json: bool) -> None:
+    """Start a new root process from checkpoint CKPT: its image, conversation, JIT tools, Skills
+    and a copy of its memory, holding exactly the capabilities given here (never the checkpoint's).
+
+    Exit status 0 spawned, 1 the kernel refused (its code is printed), 2 usage error.
+    """
+    _start(state, "op.ckpt.fork", {"checkpoint": ckpt}, caps, caps_file, budget, input_text, daemon, external,
+           as_json, f"checkpoint {ckpt}")
+
+
+COMMANDS = (spawn_cmd, kill_cmd, wait_cmd, caps_cmd, grant_cmd, revoke_cmd, budget_cmd, mem_group, ckpt_group)

@@ -288,6 +288,12 @@ class Judge:
                 elif "kill" in op:
                     for p in self._pids(op["kill"]):
                         self.killed.update(self.rt.kill(p))
+                elif "checkpoint" in op:
+                    for p in self._pids(op["checkpoint"]):
+                        self.rt.checkpoint(p, op.get("label"))
+                elif "restore" in op:
+                    for p in self._pids(op["restore"]):
+                        self.rt.restore(p, op["label"])
             except (KernelError, ScenarioError) as exc:
                 self.errors.append(f"operator step {idx} of {script or 'root'}: {exc}")
 

@@ -202,6 +202,11 @@ def _jit_tool_names(data: dict[str, Any]) -> set[str]:
     return names
 
 
+#: What an operator step may do (SCENARIOS.md's revoke, grant and kill; checkpoint and restore are
+#: this project's, docs/scenarios.md).
+OPERATOR_ACTIONS = ("revoke", "grant", "kill", "checkpoint", "restore")
+
+
 def _steps(raw: list[dict[str, Any]], where: str, extra_tools: set[str] = frozenset()) -> tuple[Step, ...]:  # type: ignore[assignment]
     out = []
     for i, s in enumerate(raw):
@@ -212,8 +217,11 @@ def _steps(raw: list[dict[str, Any]], where: str, extra_tools: set[str] = frozen
                             s.get("save_as"), None, s))
         else:
             op = s["operator"]
-            if not any(k in op for k in ("revoke", "grant", "kill")):
-                raise ScenarioError(f"{where} step {i}: operator step needs revoke, grant or kill")
+            if not any(k in op for k in OPERATOR_ACTIONS):
+                raise ScenarioError(f"{where} step {i}: operator step needs one of {', '.join(OPERATOR_ACTIONS)}")
+            if "restore" in op and not isinstance(op.get("label"), str):
+                raise ScenarioError(f"{where} step {i}: operator restore needs the label of a checkpoint "
+                                    f"the operator took (`checkpoint: root, label: L`)")
             out.append(Step(i, None, {}, None, operator=op, raw=s))
     return tuple(out)
 

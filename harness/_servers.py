@@ -40,6 +40,9 @@ class RpcRequest:
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = False  # stop() waits for handlers to finish
     block_on_close = True
+    # socketserver's default backlog of 5 resets connections that arrive together while the
+    # accept loop is busy (a scenario's children calling at once).
+    request_queue_size = 128
     rpc: RpcServer
 
     def server_bind(self) -> None:

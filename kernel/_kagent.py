@@ -135,7 +135,7 @@ class AgentMixin(CapsMixin):
         backend = self._backend(model)
         if backend is None:
             raise KernelError("EINVAL", f"no model backend serves {model!r}")
-        proc.conversation = {"messages": args["messages"], "system": args.get("system")}
+        conversation = proc.conversation = {"messages": args["messages"], "system": args.get("system")}
         request = CompletionRequest(pid=proc.pid, image=proc.image, model=model, messages=args["messages"],
                                     tools=args.get("tools") or [], system=args.get("system"), max_tokens=max_tokens)
         node = self.budgets.nodes[proc.pid]
@@ -143,6 +143,13 @@ class AgentMixin(CapsMixin):
         def charge_tokens(value: Any) -> None:
             usage = value.get("usage", {}) if isinstance(value, dict) else {}
             node.charge({"llm_tokens": float(usage.get("input_tokens", 0) + usage.get("output_tokens", 0))})
+            # A turn's last answer (no tool call) completes the conversation: a checkpoint taken
+            # between turns then holds it whole.
+            content = value.get("content") if isinstance(value, dict) else None
+            if (proc.conversation is conversation and isinstance(content, list)
+                    and not any(isinstance(b, dict) and b.get("type") == "tool_use" for b in content)):
+                proc.conversation = {**conversation,
+                                     "messages": [*conversation["messages"], {"role": "assistant", "content": content}]}
 
         out = Outcome.allow(cap, effect=lambda: _turn_value(backend.complete(request)), detail={"model": model})
         # max_tokens is checked up front and refused whole; what is charged is the reported usage.

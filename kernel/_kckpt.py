@@ -34,16 +34,53 @@ class CheckpointsMixin(ProcsMixin):
             "log_seq": seq_hint,
         }
 
-    def _find_checkpoint(self, ref: Any) -> dict[str, Any]:
+    def _take_checkpoint(self, proc: Proc, label: str | None, seq: int, author: str | None = None) -> int:
+        """Snapshot `proc` as checkpoint N (returned), logged as one `ckpt.create` entry whose payload
+        is the snapshot: durable with the round's commit, never half-written."""
+        snap = self._snapshot(proc, label, seq)
+        self._next_ckpt += 1
+        cid = self._next_ckpt
+        snap["id"] = cid
+        body: dict[str, Any] = {"checkpoint": cid, "pid": proc.pid, "label": label}
+        if author is not None:
+            snap["author"] = body["author"] = author
+        self.checkpoints[cid] = snap
+        self._stage("ckpt.create", body, pid=proc.pid, cause=seq, payload=snap, has_payload=True)
+        return cid
+
+    def _restore_checkpoint(self, proc: Proc, ck: dict[str, Any]) -> dict[str, Any]:
+        """Return `proc` to checkpoint `ck`; what the model sees of it (its affordances) is returned.
+        Handles come back as they were, pointing at the same records: a record revoked or expired
+        since stays dead; a handle dropped since is not re-added. A handle the process got since is
+        dropped, and logged as such, so that a restarted kernel does not hand it back either."""
+        table = self.caps.handles.setdefault(proc.pid, {})
+        for h in list(table):
+            if h not in ck["handles"]:
+                rec = self.caps.drop(proc.pid, h)
+                if rec is not None:
+                    self._stage("cap.drop", {"cap": rec.id, "via": "ckpt.restore"}, pid=proc.pid)
+        for h, cid in ck["handles"].items():
+            rec = self.caps.records.get(cid)
+            if rec is not None and not rec.dropped:
+                table[h] = cid
+        proc.jit_tools = dict(ck["jit_tools"])
+        proc.skills = list(ck["skills"])
+        proc.conversation = ck["conversation"]
+        self.memory[f"self:{proc.pid}"] = dict(ck["memory"])
+        self.queues[proc.pid] = {q: collections.deque(v) for q, v in ck["queues"].items()}
+        return self._affordances(ck)
+
+    def _find_checkpoint(self, ref: Any, pid: int | None = None) -> dict[str, Any]:
+        """Checkpoint `ref`: an id, or the newest with that label (of process `pid`, if given)."""
         if isinstance(ref, int) and ref in self.checkpoints:
             return self.checkpoints[ref]
         if isinstance(ref, str):
             if ref.isdigit() and int(ref) in self.checkpoints:
                 return self.checkpoints[int(ref)]
             for ck in reversed(list(self.checkpoints.values())):
-                if ck.get("label") == ref:
+                if ck.get("label") == ref and (pid is None or ck["pid"] == pid):
                     return ck
-        raise KernelError("ENOENT", f"no checkpoint {ref!r}")
+        raise KernelError("ENOENT", f"no checkpoint {ref!r}" + (f" of process {pid}" if pid is not None else ""))
 
     def _ckpt_covers(self, c: CapRecord, right: str, owner: int, caller: int) -> bool:
         target = c.scope.get("target", "self")
@@ -58,19 +95,7 @@ class CheckpointsMixin(ProcsMixin):
             cap = self._authorize(proc, "checkpoint", handle, now,
                                   lambda c: self._ckpt_covers(c, "create", proc.pid, proc.pid), "ckpt.create")
             label = args.get("label")
-
-            def create(seq: int) -> Any:
-                snap = self._snapshot(proc, label, seq)
-                self._next_ckpt += 1
-                cid = self._next_ckpt
-                snap["id"] = cid
-                self.checkpoints[cid] = snap
-                # The snapshot is one log entry: durable with the round's commit, never half-written.
-                self._stage("ckpt.create", {"checkpoint": cid, "pid": proc.pid, "label": label}, pid=proc.pid,
-                            cause=seq, payload=snap, has_payload=True)
-                return {"checkpoint": cid}
-
-            return Outcome.allow(cap, apply=create)
+            return Outcome.allow(cap, apply=lambda seq: {"checkpoint": self._take_checkpoint(proc, label, seq)})
         ck = self._find_checkpoint(args["checkpoint"])
         right = spec.name.split(".")[1]
         cap = self._authorize(proc, "checkpoint", handle, now,
@@ -80,36 +105,22 @@ class CheckpointsMixin(ProcsMixin):
             if ck["pid"] != proc.pid:
                 raise KernelError("EPERM", "a process restores only its own checkpoints; fork another's instead")
 
-            def restore(seq: int) -> Any:
-                # Handles come back as they were, pointing at the same records: a record revoked or
-                # expired since stays dead; a handle dropped since is not re-added.
-                table = self.caps.handles.setdefault(proc.pid, {})
-                for h in list(table):
-                    if h not in ck["handles"]:
-                        del table[h]
-                for h, cid in ck["handles"].items():
-                    rec = self.caps.records.get(cid)
-                    if rec is not None and not rec.dropped:
-                        table[h] = cid
-                proc.jit_tools = dict(ck["jit_tools"])
-                proc.skills = list(ck["skills"])
-                proc.conversation = ck["conversation"]
-                self.memory[f"self:{proc.pid}"] = dict(ck["memory"])
-                self.queues[proc.pid] = {q: collections.deque(v) for q, v in ck["queues"].items()}
-                return {"checkpoint": ck["id"], "restored": self._affordances(ck)}
-
-            return Outcome.allow(cap, apply=restore)
+            return Outcome.allow(cap, apply=lambda seq: {"checkpoint": ck["id"],
+                                                         "restored": self._restore_checkpoint(proc, ck)})
         # ckpt.fork: a new child from the snapshot, with an explicit capability list
-        def from_snapshot(child: Proc) -> None:
-            child.origin = "fork"
-            child.jit_tools = dict(ck["jit_tools"])
-            child.skills = list(ck["skills"])
-            child.conversation = ck["conversation"]
-            self.memory[f"self:{child.pid}"] = dict(ck["memory"])
-
-        return self._child_outcome(proc, cap, ck["image"], args, now, "ckpt.fork", on_child=from_snapshot,
+        return self._child_outcome(proc, cap, ck["image"], args, now, "ckpt.fork",
+                                   on_child=lambda child: self._seed_from_checkpoint(child, ck),
                                    start_extra={"restored": self._affordances(ck), "origin": "fork",
                                                 "forked_by": proc.pid})
+
+    def _seed_from_checkpoint(self, child: Proc, ck: dict[str, Any]) -> None:
+        """A forked process starts with the snapshot's affordances and its own copy of the
+        snapshot's memory; never with its capabilities (the fork names those)."""
+        child.origin = "fork"
+        child.jit_tools = dict(ck["jit_tools"])
+        child.skills = list(ck["skills"])
+        child.conversation = ck["conversation"]
+        self.memory[f"self:{child.pid}"] = dict(ck["memory"])
 
     def _affordances(self, ck: dict[str, Any]) -> dict[str, Any]:
         conv = ck.get("conversation") or {}

@@ -12,7 +12,7 @@ from agentlibos.kernel._budget import parse_budget
 from agentlibos.kernel._caps import GRANT_FIELDS, CapRecord, check_limits, validate_rights, validate_scope
 from agentlibos.kernel._kapprovals import ApprovalsMixin, _sanitize
 from agentlibos.kernel._kckpt import CheckpointsMixin, image_digest
-from agentlibos.kernel._kstate import LIVE, Parked
+from agentlibos.kernel._kstate import LIVE, Parked, Proc
 from agentlibos.kernel._table import SyscallSpec
 
 #: What an `_op_*` method returns when it parked the request: the reply comes when the wait ends.
@@ -77,7 +77,10 @@ class OperatorMixin(ApprovalsMixin, CheckpointsMixin):
         self._log_cap(rec, None, cause)
         return rec
 
-    def _op_spawn(self, conn: bytes, req: Request, args: dict[str, Any], seq: int) -> Any:
+    def _op_spawn(self, conn: bytes, req: Request, args: dict[str, Any], seq: int,
+                  checkpoint: dict[str, Any] | None = None) -> Any:
+        """A root process from an image, or from a checkpoint's snapshot (op.ckpt.fork), holding
+        exactly the operator's grants."""
         now = self.clock()
         image = args["image"]
         if image not in self.images:
@@ -96,18 +99,20 @@ class OperatorMixin(ApprovalsMixin, CheckpointsMixin):
                             "rights": sorted(validate_rights(g["kind"], g.get("rights", [])))})
         proc = self._create_process(image, None, model, budget, bool(args.get("daemon")), args.get("input"), now)
         proc.requestable = ceiling
+        start_extra = None
+        if checkpoint is not None:
+            self._seed_from_checkpoint(proc, checkpoint)
+            start_extra = {"restored": self._affordances(checkpoint), "origin": "fork"}
         for g in grants:
             self._grant(proc.pid, g, now, seq)
         if args.get("external"):
             proc.external = True
             return {"pid": proc.pid, "token": proc.token}
-        self._start_process(proc)
+        self._start_process(proc, start_extra)
         return {"pid": proc.pid}
 
     def _op_grant(self, conn: bytes, req: Request, args: dict[str, Any], seq: int) -> Any:
-        proc = self.procs.get(args["pid"])
-        if proc is None or proc.state not in LIVE:
-            raise KernelError("ENOENT", f"no live process {args['pid']}")
+        proc = self._live_proc(args["pid"])
         g: dict[str, Any] = {k: args[k] for k in ("kind", "scope", "rights", "approval", "expires_in_s", "uses")
                              if k in args}
         if "name" in args:
@@ -134,6 +139,62 @@ class OperatorMixin(ApprovalsMixin, CheckpointsMixin):
             raise KernelError("ENOENT", f"no process {args['pid']}")
         return {"killed": self._kill(proc)}
 
+    # --- checkpoints ---------------------------------------------------------------------------
+    def _live_proc(self, pid: int) -> Proc:
+        proc = self.procs.get(pid)
+        if proc is None or proc.state not in LIVE:
+            raise KernelError("ENOENT", f"no live process {pid}")
+        return proc
+
+    def _op_ckpt_create(self, conn: bytes, req: Request, args: dict[str, Any], seq: int) -> Any:
+        proc = self._live_proc(args["pid"])
+        return {"checkpoint": self._take_checkpoint(proc, args.get("label"), seq, author="operator")}
+
+    def _op_ckpt_list(self, conn: bytes, req: Request, args: dict[str, Any], seq: int) -> Any:
+        pid = args.get("pid")
+        return {"checkpoints": [
+            {"checkpoint": cid, "pid": ck["pid"], "image": ck.get("image"), "label": ck.get("label"),
+             "log_seq": ck.get("log_seq"), "author": ck.get("author", "process")}
+            for cid, ck in sorted(self.checkpoints.items()) if pid is None or ck["pid"] == pid]}
+
+    def _op_ckpt_show(self, conn: bytes, req: Request, args: dict[str, Any], seq: int) -> Any:
+        ck = self._find_checkpoint(args["checkpoint"])
+        now = self.clock()
+        handles = []
+        for h, cid in sorted(ck["handles"].items()):
+            rec = self.caps.records.get(cid)
+            status = "gone" if rec is None else ("dropped" if rec.dropped else rec.status(now) or "live")
+            handles.append({"handle": h, "cap": cid, "kind": rec.kind if rec else None, "status": status})
+        messages = (ck.get("conversation") or {}).get("messages") or []
+        return {"checkpoint": ck["id"], "pid": ck["pid"], "image": ck.get("image"), "label": ck.get("label"),
+                "log_seq": ck.get("log_seq"), "author": ck.get("author", "process"), "messages": len(messages),
+                "jit_tools": sorted(ck.get("jit_tools") or {}), "skills": list(ck.get("skills") or []),
+                "memory": sorted(str(k) for k in ck.get("memory") or {}), "handles": handles,
+                "children": list(ck.get("children") or [])}
+
+    def _op_ckpt_restore(self, conn: bytes, req: Request, args: dict[str, Any], seq: int) -> Any:
+        proc = self._live_proc(args["pid"])
+        ck = self._find_checkpoint(args["checkpoint"], proc.pid)
+        if ck["pid"] != proc.pid:
+            raise KernelError("EPERM", f"checkpoint {ck['id']} is of pid {ck['pid']}: a process is restored only "
+                                       f"to its own checkpoints (op.ckpt.fork starts a new one from it)")
+        if proc.state == "needs_attention":
+            raise KernelError("EBUSY", f"process {proc.pid} has an effect of unknown outcome: resolve it first")
+        restored = self._restore_checkpoint(proc, ck)
+        self._stage("ckpt.restore", {"checkpoint": ck["id"], "pid": proc.pid, "author": "operator"}, pid=proc.pid,
+                    cause=seq)
+        if not proc.external:
+            # The host gives the process its restored affordances between turns (a turn in progress ends first).
+            self._command(Command("restore", proc.pid, {"restored": restored}))
+        body = {"pid": proc.pid, "event": "restored", "checkpoint": ck["id"]}
+        self._event(Topic.proc(proc.pid), body)
+        self._event(Topic("proc/"), body)
+        return {"checkpoint": ck["id"], "pid": proc.pid, "handles": sorted(self.caps.handles.get(proc.pid, {}))}
+
+    def _op_ckpt_fork(self, conn: bytes, req: Request, args: dict[str, Any], seq: int) -> Any:
+        ck = self._find_checkpoint(args["checkpoint"])
+        return self._op_spawn(conn, req, {**args, "image": ck["image"]}, seq, checkpoint=ck)
+
     def _op_unknown(self, conn: bytes, req: Request, args: dict[str, Any], seq: int) -> Any:
         return {"effects": [dict(v) for _, v in sorted(self.unresolved.items())]}
 
@@ -156,9 +217,7 @@ class OperatorMixin(ApprovalsMixin, CheckpointsMixin):
         return {"decision": item["decision"], "outcome": outcome}
 
     def _op_suspend(self, conn: bytes, req: Request, args: dict[str, Any], seq: int) -> Any:
-        proc = self.procs.get(args["pid"])
-        if proc is None or proc.state not in LIVE:
-            raise KernelError("ENOENT", f"no live process {args['pid']}")
+        proc = self._live_proc(args["pid"])
         if proc.state != "suspended":
             proc.resume_state = proc.state
             self._set_state(proc, "suspended")
@@ -179,9 +238,7 @@ class OperatorMixin(ApprovalsMixin, CheckpointsMixin):
     def _op_interrupt(self, conn: bytes, req: Request, args: dict[str, Any], seq: int) -> Any:
         """Interrupt a process's current turn: what it waits on now (an approval, a message, a
         child) ends with EINTR, or else its next syscall does; the process then waits for input."""
-        proc = self.procs.get(args["pid"])
-        if proc is None or proc.state not in LIVE:
-            raise KernelError("ENOENT", f"no live process {args['pid']}")
+        proc = self._live_proc(args["pid"])
         err = KernelError("EINTR", "the operator interrupted this turn")
         ended = 0
         for aid in [a.id for a in self.approvals.values() if a.pid == proc.pid]:
@@ -203,9 +260,7 @@ class OperatorMixin(ApprovalsMixin, CheckpointsMixin):
     def _op_deadline(self, conn: bytes, req: Request, args: dict[str, Any], seq: int) -> Any:
         """Set (in_s seconds from now) or clear (no in_s) a process's deadline; at the deadline the
         kernel kills it and its subtree with status `deadline`."""
-        proc = self.procs.get(args["pid"])
-        if proc is None or proc.state not in LIVE:
-            raise KernelError("ENOENT", f"no live process {args['pid']}")
+        proc = self._live_proc(args["pid"])
         in_s = args.get("in_s")
         if in_s is not None and (isinstance(in_s, bool) or not isinstance(in_s, (int, float)) or in_s < 0):
             raise KernelError("EINVAL", "in_s must be a number of seconds >= 0")
@@ -221,9 +276,7 @@ class OperatorMixin(ApprovalsMixin, CheckpointsMixin):
         return {"pid": proc.pid, "deadline": proc.deadline}
 
     def _op_send(self, conn: bytes, req: Request, args: dict[str, Any], seq: int) -> Any:
-        proc = self.procs.get(args["pid"])
-        if proc is None or proc.state not in LIVE:
-            raise KernelError("ENOENT", f"no live process {args['pid']}")
+        proc = self._live_proc(args["pid"])
         self._stage("msg.deliver", {"pid": proc.pid, "from": "operator"}, pid=proc.pid, cause=seq,
                     payload=args["input"], has_payload=True)
         self._command(Command("deliver", proc.pid, {"input": args["input"]}))

@@ -71,6 +71,18 @@ def _grant_wire(g: Grant | Mapping[str, Any]) -> dict[str, Any]:
     return g.to_wire() if isinstance(g, Grant) else dict(g)
 
 
+def _process_args(caps: Iterable[Grant | Mapping[str, Any]], requestable: Iterable[Grant | Mapping[str, Any]],
+                  budget: Mapping[str, float] | None, **fields: Any) -> dict[str, Any]:
+    """op.spawn / op.ckpt.fork arguments: the grants, and each field that was given (not None)."""
+    args: dict[str, Any] = {"caps": [_grant_wire(g) for g in caps], **{k: v for k, v in fields.items() if v is not None}}
+    ceiling = [_grant_wire(g) for g in requestable]
+    if ceiling:
+        args["requestable"] = ceiling
+    if budget is not None:
+        args["budget"] = dict(budget)
+    return args
+
+
 #: Open files kept for everything but process sockets (see `Runtime.start`).
 FD_RESERVE = 1024
 
@@ -243,15 +255,7 @@ class Runtime:
               requestable: Iterable[Grant | Mapping[str, Any]] = ()) -> int:
         """Start a process with exactly `caps`; `requestable` is the ceiling of what it may ask a
         human for with cap.request (nothing by default)."""
-        args: dict[str, Any] = {"image": image, "caps": [_grant_wire(g) for g in caps], "daemon": daemon}
-        if requestable:
-            args["requestable"] = [_grant_wire(g) for g in requestable]
-        if budget is not None:
-            args["budget"] = dict(budget)
-        if input is not None:
-            args["input"] = input
-        if model is not None:
-            args["model"] = model
+        args = _process_args(caps, requestable, budget, image=image, daemon=daemon, input=input, model=model)
         return int(self.operator.call("op.spawn", args)["pid"])
 
     def spawn_external(self, image: str, *, caps: Iterable[Grant | Mapping[str, Any]] = (),
@@ -259,12 +263,7 @@ class Runtime:
                        requestable: Iterable[Grant | Mapping[str, Any]] = ()) -> tuple[int, str]:
         """A process that no host runs: returns (pid, token) for a client that says hello with the
         token (`client(token)`, or any ZeroMQ client speaking docs/protocol.md)."""
-        args: dict[str, Any] = {"image": image, "caps": [_grant_wire(g) for g in caps], "external": True}
-        if requestable:
-            args["requestable"] = [_grant_wire(g) for g in requestable]
-        if budget is not None:
-            args["budget"] = dict(budget)
-        v = self.operator.call("op.spawn", args)
+        v = self.operator.call("op.spawn", _process_args(caps, requestable, budget, image=image, external=True))
         return int(v["pid"]), str(v["token"])
 
     def send(self, pid: int, input: Any) -> None:
@@ -305,6 +304,31 @@ class Runtime:
             args["in_s"] = in_s
         v = self.operator.call("op.deadline", args)["deadline"]
         return None if v is None else float(v)
+
+    def checkpoint(self, pid: int, label: str | None = None) -> int:
+        """Snapshot process `pid` as the kernel sees it (conversation to its last model answer, JIT
+        tools, Skills, memory, queues, handles); returns the checkpoint's id."""
+        args: dict[str, Any] = {"pid": pid}
+        if label is not None:
+            args["label"] = label
+        return int(self.operator.call("op.ckpt.create", args)["checkpoint"])
+
+    def checkpoints(self, pid: int | None = None) -> list[dict[str, Any]]:
+        return list(self.operator.call("op.ckpt.list", {} if pid is None else {"pid": pid})["checkpoints"])
+
+    def restore(self, pid: int, checkpoint: int | str) -> dict[str, Any]:
+        """Roll process `pid` back to one of its checkpoints (an id or a label). Capabilities revoked
+        or expired since stay dead and budget spent stays spent; a turn in progress finishes first
+        (`interrupt` or `suspend` it before to stop it)."""
+        return dict(self.operator.call("op.ckpt.restore", {"pid": pid, "checkpoint": checkpoint}))
+
+    def fork(self, checkpoint: int | str, *, caps: Iterable[Grant | Mapping[str, Any]] = (),
+             budget: Mapping[str, float] | None = None, input: Any = None, model: str | None = None,
+             daemon: bool = False) -> int:
+        """Start a new root process from a checkpoint: its conversation, JIT tools, Skills and
+        memory, holding exactly `caps` (never the checkpoint's)."""
+        args = _process_args(caps, (), budget, checkpoint=checkpoint, daemon=daemon, input=input, model=model)
+        return int(self.operator.call("op.ckpt.fork", args)["pid"])
 
     def ps(self) -> list[dict[str, Any]]:
         return list(self.operator.call("op.ps")["processes"])

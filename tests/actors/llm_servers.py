@@ -49,6 +49,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 class ScriptedServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 128  # the default 5 resets connections that arrive together
     #: The endpoint this server answers on.
     route = "/"
 

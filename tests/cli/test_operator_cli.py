@@ -277,3 +277,44 @@ def test_image_add_goes_through_the_running_kernel(rt: Runtime, tmp_path: Path) 
     assert any(i["name"] == "reader" for i in rt.images())
     pid = int(as_json(rt, "spawn", "reader", "--external")["pid"])
     assert any(p["pid"] == pid and p["image"] == "reader" for p in rt.ps())
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+
+
+def test_ckpt_create_list_show_restore_and_fork(rt: Runtime, process: tuple[int, KernelClient]) -> None:
+    pid, client = process
+    client.call("mem.put", {"key": "plan", "value": "first"})
+    r = ok(rt, "ckpt", "create", str(pid), "--label", "before")
+    assert f"of process {pid} (before)" in r.stdout
+    ck = as_json(rt, "ckpt", "list", str(pid))[0]
+    assert (ck["pid"], ck["label"], ck["author"]) == (pid, "before", "operator")
+    client.call("mem.put", {"key": "plan", "value": "second"})
+    ok(rt, "revoke", str(pid), "ws")
+
+    shown = ok(rt, "ckpt", "show", "before").stdout
+    row = next(line for line in shown.splitlines() if " ws " in line)
+    assert "dead (EREVOKED)" in row
+    assert "memory keys: 1" in shown
+
+    r = ok(rt, "ckpt", "restore", str(pid), "before")
+    assert f"process {pid} restored to checkpoint {ck['checkpoint']}" in r.stdout
+    assert client.call("mem.get", {"key": "plan"})["value"] == "first"
+    table = ok(rt, "ckpt", "list").stdout
+    assert "operator" in table and "before" in table
+
+    out = as_json(rt, "ckpt", "fork", "before", "--external", "--cap", WS.replace("name: ws", "name: again"))
+    with rt.client(out["token"]) as forked:
+        assert forked.call("mem.get", {"key": "plan"})["value"] == "first"
+        assert sorted(c["handle"] for c in forked.call("cap.list", {})["caps"]) == ["again", "model", "self"]
+
+
+def test_ckpt_refusals_exit_1_with_their_code(rt: Runtime, process: tuple[int, KernelClient]) -> None:
+    pid, _ = process
+    other, _ = spawn_external(rt)
+    ok(rt, "ckpt", "create", str(other), "--label", "theirs")
+    for args, code in ((["restore", str(pid), "theirs"], "ENOENT"), (["restore", str(pid), "1"], "EPERM"),
+                       (["show", "nope"], "ENOENT"), (["create", "999"], "ENOENT")):
+        r = cli(rt, "ckpt", *args)
+        assert r.exit_code == 1 and code in r.stderr, (args, r.output)
+    assert cli(rt, "ckpt", "create", "x").exit_code == 2

@@ -162,7 +162,10 @@ GOOD = {"id": "ok", "version": 1, "image": {"prompt": "p", "tools": ["fs_read"]}
     (lambda d: d.update(version=2), "version"),
     (lambda d: d.update(bogus_key=1), "bogus_key"),
     (lambda d: d["script"][0].update(expect="maybe"), "maybe"),
-], ids=["unknown-tool", "unknown-image-tool", "missing-id", "wrong-version", "unknown-top-level-key", "bad-expect"])
+    (lambda d: d["script"].append({"operator": {"promote": "root"}}), "operator step needs one of"),
+    (lambda d: d["script"].append({"operator": {"restore": "root"}}), "needs the label of a checkpoint"),
+], ids=["unknown-tool", "unknown-image-tool", "missing-id", "wrong-version", "unknown-top-level-key", "bad-expect",
+        "unknown-operator-action", "restore-without-label"])
 def test_schema_errors_name_the_problem(tmp_path: Path, mutate: Any, needle: str) -> None:
     data = json.loads(json.dumps(GOOD))
     mutate(data)
