@@ -279,8 +279,9 @@ class _Reader:
             return []
         out: collections.deque[dict[str, Any]] = collections.deque(maxlen=200)
         for e in log.entries(1, kinds=["ckpt.create"]):
-            out.append({"seq": e.seq, "ts": e.ts, **e.body})
-        return list(out)
+            out.append({"seq": e.seq, "ts": e.ts, "author": "process", **e.body})
+        live = {p["pid"] for p in self.rt.ps() if p.get("state") in LIVE_STATES}
+        return [{**c, "live": c.get("pid") in live} for c in out]
 
     def verify(self, max_age_s: float = 5.0) -> dict[str, Any]:
         now = time.monotonic()
@@ -485,6 +486,17 @@ class _Console:
             raise ValueError("the deadline is a number of seconds >= 0")
         self.rt.deadline(pid, seconds)
         return f"pid {pid}: " + (f"killed in {seconds:g} s unless it ends first" if seconds is not None else "no deadline")
+
+    def _do_checkpoint(self, form: dict[str, str]) -> str:
+        pid, label = int(form["pid"]), form.get("label", "").strip() or None
+        cid = self.rt.checkpoint(pid, label)
+        return f"checkpoint {cid} of pid {pid}" + (f" ({label})" if label else "")
+
+    def _do_restore(self, form: dict[str, str]) -> str:
+        pid, cid = int(form["pid"]), int(form["checkpoint"])
+        self.rt.restore(pid, cid)
+        return (f"pid {pid} rolled back to checkpoint {cid}: capabilities revoked since stay dead, those granted "
+                f"since are dropped, budget spent stays spent")
 
     # -- the event stream
     async def events(self, request: Request) -> Response:

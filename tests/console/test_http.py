@@ -284,3 +284,24 @@ def test_interrupt_send_and_deadline_go_through_the_kernel(env: Env, web: httpx.
     assert r.status_code == 303 and "notice=" in r.headers["location"]
     assert env.rt.wait(pid, timeout_s=15).status == "deadline"  # interrupted, it waited for input
     assert _ops(env, "op.interrupt") and _ops(env, "op.deadline")
+
+
+def test_checkpoint_and_restore_go_through_the_kernel(env: Env, web: httpx.Client) -> None:
+    pid, _ = _blocked(env)
+    assert 'data-action="checkpoint"' in web.get("/").text
+    r = web.post("/actions/checkpoint", data={"pid": str(pid), "label": "before", "csrf": _csrf(env)})
+    assert r.status_code == 303 and "notice=checkpoint" in r.headers["location"], r.headers["location"]
+    (ck,) = env.rt.checkpoints(pid)
+    assert (ck["label"], ck["author"]) == ("before", "operator")
+    env.rt.revoke(pid, "ws")
+    page = web.get("/").text
+    assert 'data-action="restore"' in page and f'name="checkpoint" value="{ck["checkpoint"]}"' in page
+    r = web.post("/actions/restore", data={"pid": str(pid), "checkpoint": str(ck["checkpoint"]), "csrf": _csrf(env)})
+    assert r.status_code == 303 and "notice=pid" in r.headers["location"], r.headers["location"]
+    assert _ops(env, "op.ckpt.create") and _ops(env, "op.ckpt.restore")
+    # The revoked cap came back with the rollback as a handle, still dead.
+    assert [c["revoked"] for c in env.rt.caps(pid) if c["handle"] == "ws"] == [True]
+    # Another process's checkpoint is refused, and the console says why.
+    other, _ = env.rt.spawn_external("gated")
+    r = web.post("/actions/restore", data={"pid": str(other), "checkpoint": str(ck["checkpoint"]), "csrf": _csrf(env)})
+    assert "error=" in r.headers["location"] and "EPERM" in r.headers["location"]
