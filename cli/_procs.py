@@ -606,6 +606,8 @@ def ckpt_show(ckpt: str, state: str, as_json: bool) -> None:
         t.add_row(escape(h["handle"]), str(h["cap"]), escape(str(h.get("kind") or "")),
                   "[green]live[/green]" if live else f"[red]dead ({escape(str(h['status']))})[/red]")
     console.print(t)
+    if out.get("drops"):
+        console.print(f"a restore drops what process {out['pid']} got since: {escape(', '.join(out['drops']))}")
 
 
 @ckpt_group.command("restore")

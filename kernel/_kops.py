@@ -170,7 +170,9 @@ class OperatorMixin(ApprovalsMixin, CheckpointsMixin):
                 "log_seq": ck.get("log_seq"), "author": ck.get("author", "process"), "messages": len(messages),
                 "jit_tools": sorted(ck.get("jit_tools") or {}), "skills": list(ck.get("skills") or []),
                 "memory": sorted(str(k) for k in ck.get("memory") or {}), "handles": handles,
-                "children": list(ck.get("children") or [])}
+                "children": list(ck.get("children") or []),
+                # What the process holds now that a restore would drop (it got them after the checkpoint).
+                "drops": sorted(h for h in self.caps.handles.get(ck["pid"], {}) if h not in ck["handles"])}
 
     def _op_ckpt_restore(self, conn: bytes, req: Request, args: dict[str, Any], seq: int) -> Any:
         proc = self._live_proc(args["pid"])

@@ -291,8 +291,10 @@ def test_ckpt_create_list_show_restore_and_fork(rt: Runtime, process: tuple[int,
     assert (ck["pid"], ck["label"], ck["author"]) == (pid, "before", "operator")
     client.call("mem.put", {"key": "plan", "value": "second"})
     ok(rt, "revoke", str(pid), "ws")
+    ok(rt, "grant", str(pid), "fs", "--scope", "{root: ws}", "--rights", "read", "--name", "later")
 
     shown = ok(rt, "ckpt", "show", "before").stdout
+    assert "a restore drops what process" in shown and "later" in shown
     row = next(line for line in shown.splitlines() if " ws " in line)
     assert "dead (EREVOKED)" in row
     assert "memory keys: 1" in shown
