@@ -64,6 +64,9 @@ class AgentProcess(pykka.ThreadingActor):
         # Affordances the process grew at run time: JIT tools and Skill instructions.
         self.jit_tools: dict[str, dict[str, Any]] = {k: dict(v) for k, v in spec.jit_tools.items()}
         self.instructions: list[str] = list(spec.instructions)
+        # The Skill each instruction came from (None: not known, as after a restart), so that a
+        # restore can take back the instructions of Skills loaded after the checkpoint.
+        self._instruction_skills: list[str | None] = [None] * len(self.instructions)
         self._jit = jit
         if spec.restored:
             self._restore(spec.restored)
@@ -229,6 +232,7 @@ class AgentProcess(pykka.ThreadingActor):
                 self.jit_tools[t["name"]] = {k: t[k] for k in ("description", "input_schema", "source")}
             if value.get("instructions"):
                 self.instructions.append(str(value["instructions"]))
+                self._instruction_skills.append(str(args.get("name")))
 
     def _restore(self, restored: Any) -> None:
         """Affordances from a checkpoint (the kernel restored the authority side itself)."""
@@ -236,6 +240,12 @@ class AgentProcess(pykka.ThreadingActor):
         messages = restored.get("messages")
         if isinstance(messages, list):
             self.messages = list(messages)
+        skills = restored.get("skills")
+        if isinstance(skills, list) and self.instructions:
+            kept = [(text, name) for text, name in zip(self.instructions, self._instruction_skills, strict=True)
+                    if name is None or name in skills]
+            self.instructions = [text for text, _ in kept]
+            self._instruction_skills = [name for _, name in kept]
 
     def _run_jit(self, name: str, tool: dict[str, Any], input: Any) -> Reply:
         """Run a JIT tool in the Deno sandbox; its only way out is sys.call, made as this process."""

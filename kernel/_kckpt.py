@@ -24,7 +24,10 @@ class CheckpointsMixin(ProcsMixin):
         node = self.budgets.nodes[proc.pid]
         return {
             "pid": proc.pid, "image": proc.image, "model": proc.model, "label": label,
-            "conversation": proc.conversation, "jit_tools": proc.jit_tools, "skills": proc.skills,
+            # Copies: the process goes on changing its own (a JIT tool defined or a Skill loaded
+            # after the checkpoint must not appear in it).
+            "conversation": dict(proc.conversation), "jit_tools": {k: dict(v) for k, v in proc.jit_tools.items()},
+            "skills": list(proc.skills),
             "memory": dict(self.memory.get(f"self:{proc.pid}", {})),
             "queues": {q: list(d) for q, d in self.queues.get(proc.pid, {}).items()},
             "children": sorted(proc.children),

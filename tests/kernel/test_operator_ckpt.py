@@ -58,8 +58,10 @@ def turn(rt: Runtime, model: Recording, pid: int, text: str, steps: list[dict[st
 def test_the_operator_rolls_a_hosted_process_back_and_forks_it(tmp_path: Path) -> None:
     model, seen = Answering({}), Observer()
     more = Grant("fs", {"root": "."}, ["read"], name="more")
+    (tmp_path / "state" / "skills" / "tidy").mkdir(parents=True)
+    (tmp_path / "state" / "skills" / "tidy" / "SKILL.md").write_text("Keep notes tidy.\n")
     with session(tmp_path, model, seen) as rt:
-        rt.register_image("d", prompt="You keep notes.", tools=["fs_read", "mem_put"])
+        rt.register_image("d", prompt="You keep notes.", tools=["fs_read", "mem_put", "skill_load"])
         pid = rt.spawn("d", daemon=True, caps=[DOCS], budget={"llm_calls": 100})
         turn(rt, model, pid, "hello", [{"tool": "mem_put", "args": {"key": "notes", "value": "one"}}])
         before = rt.checkpoint(pid, "before")
@@ -67,8 +69,10 @@ def test_the_operator_rolls_a_hosted_process_back_and_forks_it(tmp_path: Path) -
         # After the checkpoint: a cap revoked, another granted, the memory and conversation move on.
         rt.revoke(pid, "docs")
         assert rt.grant(pid, more) == "more"
-        turn(rt, model, pid, "again", [{"tool": "mem_put", "args": {"key": "notes", "value": "two"}}])
+        turn(rt, model, pid, "again", [{"tool": "mem_put", "args": {"key": "notes", "value": "two"}},
+                                       {"tool": "skill_load", "args": {"name": "tidy"}}])
         assert memory(rt, pid, "notes") == "two"
+        assert model.requests[-1].system == "You keep notes.\n\nKeep notes tidy."
 
         with rt.events(Topic.proc(pid)) as events:
             out = rt.restore(pid, "before")
@@ -79,16 +83,18 @@ def test_the_operator_rolls_a_hosted_process_back_and_forks_it(tmp_path: Path) -
         assert spent["llm_calls"]["used"] > calls["llm_calls"]["used"]  # budget spent stays spent
 
         turn(rt, model, pid, "third", [READ_DOCS, {"tool": "fs_read", "args": {"path": "docs/a.txt"}, "cap": "more"}])
-        *_, revoked, gone = seen.wait_for(4)
+        *_, revoked, gone = seen.wait_for(5)
         assert revoked.error is not None and revoked.error.code == "EREVOKED"
         assert gone.error is not None and gone.error.code == "EPERM"
         # The model saw the conversation as it stood at the checkpoint, then the new input.
         first_of_third = next(r for r in model.requests if said(r)[-1:] == ["third"])
         assert said(first_of_third) == ["hello", "third"]
         assert first_of_third.messages[1]["role"] == "assistant"  # the checkpoint kept the model's answer
+        assert first_of_third.system == "You keep notes."  # the Skill loaded since is taken back too
 
         shown = rt.operator.call("op.ckpt.show", {"checkpoint": before})
         assert (shown["pid"], shown["label"], shown["author"], shown["memory"]) == (pid, "before", "operator", ["notes"])
+        assert shown["skills"] == []  # the checkpoint is a copy: the Skill loaded after it is not in it
         assert {h["handle"]: h["status"] for h in shown["handles"]} == {"docs": "EREVOKED", "model": "live",
                                                                          "self": "live"}
         assert [(c["checkpoint"], c["author"]) for c in rt.checkpoints(pid)] == [(before, "operator")]
@@ -99,7 +105,7 @@ def test_the_operator_rolls_a_hosted_process_back_and_forks_it(tmp_path: Path) -
         assert said(model.requests[-1]) == ["hello", "forked"]
         assert memory(rt, child, "notes") == "one"
         assert sorted(c["handle"] for c in rt.caps(child)) == ["model", "own", "self"]
-        assert seen.wait_for(5)[-1].value["text"] == "alpha"
+        assert seen.wait_for(6)[-1].value["text"] == "alpha"
 
         # Refusals: another process's checkpoint, an unknown one, a dead process.
         assert code_of(lambda: rt.restore(child, before)) == "EPERM"
@@ -141,3 +147,27 @@ def test_an_outside_process_is_rolled_back_on_the_kernel_side(tmp_path: Path) ->
             c.call("mem.put", {"key": "k", "value": 5})
             c.call("ckpt.restore", {"checkpoint": mark}, cap="ck")
             assert c.call("mem.get", {"key": "k"})["value"] == 1
+
+
+def test_a_checkpoint_is_a_copy_of_what_the_process_had(tmp_path: Path) -> None:
+    """What a process adds after its checkpoint (a JIT tool, a Skill) is gone after a restore,
+    taken by the process itself or by the operator."""
+    (tmp_path / "state" / "skills" / "tidy").mkdir(parents=True)
+    (tmp_path / "state" / "skills" / "tidy" / "SKILL.md").write_text("Keep notes tidy.\n")
+    source = "export default async function (input, sys) { return 1 }"
+    with session(tmp_path) as rt:
+        rt.register_image("x")
+        pid, token = rt.spawn_external("x", caps=[Grant("checkpoint", {"target": "self"}, ["create", "restore"],
+                                                        name="ck")])
+        with rt.client(token) as c:
+            mine = c.call("ckpt.create", {"label": "bare"}, cap="ck")["checkpoint"]
+            theirs = rt.checkpoint(pid, "bare-too")
+            c.call("tool.define", {"name": "shout", "source": source})
+            c.call("skill.load", {"name": "tidy"})
+            assert c.call("tool.list", {})["jit"] == ["shout"]
+            for ck in (mine, theirs):
+                c.call("ckpt.restore", {"checkpoint": ck}, cap="ck")
+                assert c.call("tool.list", {})["jit"] == []
+                assert c.call("skill.list", {})["loaded"] == []
+                c.call("tool.define", {"name": "shout", "source": source})
+                c.call("skill.load", {"name": "tidy"})
