@@ -62,11 +62,28 @@ class ProcsMixin(CapsMixin):
 
     def _start_process(self, proc: Proc, extra: dict[str, Any] | None = None) -> None:
         image = self.images.get(proc.image, {})
-        self._command(Command("start", proc.pid, {**(extra or {}),
+        extra = dict(extra or {})
+        if "instructions" not in extra and proc.skills:
+            # Skills it starts with (its image's, or a checkpoint's): their instructions join its
+            # prompt, as skill.load's do.
+            extra["instructions"] = self._skill_instructions(proc.skills)
+        self._command(Command("start", proc.pid, {**extra,
             "token": proc.token, "ppid": proc.ppid, "image": proc.image, "model": proc.model,
             "prompt": image.get("prompt", ""), "tools": image.get("tools", []), "input": proc.input,
             "daemon": proc.daemon, "jit_tools": proc.jit_tools, "origin": proc.origin,
         }))
+
+    def _skill_instructions(self, names: list[str]) -> list[str]:
+        out = []
+        for name in names:
+            try:
+                text = self._read_skill(name)["instructions"]
+            except KernelError as exc:  # gone or broken since: the process starts without it
+                log.warning("kernel: Skill %r gives no instructions: %s", name, exc.message)
+                continue
+            if text:
+                out.append(text)
+        return out
 
     def _command(self, cmd: Command) -> None:
         if self._host_conn is None:

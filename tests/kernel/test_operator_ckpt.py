@@ -171,3 +171,20 @@ def test_a_checkpoint_is_a_copy_of_what_the_process_had(tmp_path: Path) -> None:
                 assert c.call("skill.list", {})["loaded"] == []
                 c.call("tool.define", {"name": "shout", "source": source})
                 c.call("skill.load", {"name": "tidy"})
+
+
+def test_a_process_starting_with_skills_sees_their_instructions(tmp_path: Path) -> None:
+    """An image's Skills, and a checkpoint's, give a new process their instructions, as skill.load does."""
+    (tmp_path / "state" / "skills" / "tidy").mkdir(parents=True)
+    (tmp_path / "state" / "skills" / "tidy" / "SKILL.md").write_text("Keep notes tidy.\n")
+    model = Answering({})
+    with session(tmp_path, model) as rt:
+        rt.register_image("d", prompt="You keep notes.", tools=["skill_load"])
+        rt.register_image("skilled", prompt="You keep notes.", skills=["tidy", "missing"])
+        pid = rt.spawn("d", daemon=True)
+        turn(rt, model, pid, "hello", [{"tool": "skill_load", "args": {"name": "tidy"}}])
+        ck = rt.checkpoint(pid)
+        for start in (lambda: rt.fork(ck, daemon=True), lambda: rt.spawn("skilled", daemon=True)):
+            new = start()
+            turn(rt, model, new, "go", [])
+            assert model.requests[-1].system == "You keep notes.\n\nKeep notes tidy."
