@@ -6,9 +6,11 @@ Each command is one operator request (`op.*`) to the kernel running on --state; 
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import click
@@ -148,8 +150,48 @@ def _caps_file(ctx: click.Context, param: click.Parameter, value: str | None) ->
     return data
 
 
+@dataclass(frozen=True)
+class _NewProcess:
+    """The options of a new root process (spawn, ckpt fork): capabilities, budget, first input, how it runs."""
+
+    caps: tuple[dict[str, Any], ...]
+    caps_file: list[dict[str, Any]]
+    budget: tuple[tuple[str, float], ...]
+    input_text: str | None
+    daemon: bool
+    external: bool
+    state: str
+    as_json: bool
+
+    def start(self, sys_name: str, args: dict[str, Any], what: str) -> None:
+        """op.spawn or op.ckpt.fork with these options; prints the new pid (and token)."""
+        args = {**args, "caps": [*self.caps, *self.caps_file]}
+        if self.budget:
+            args["budget"] = dict(self.budget)
+        if self.input_text is not None:
+            args["input"] = self.input_text
+        if self.daemon:
+            args["daemon"] = True
+        if self.external:
+            args["external"] = True
+        out = _call(self.state, sys_name, args)
+        if self.as_json:
+            _echo_json(out)
+            return
+        console.print(f"spawned process {out['pid']} from {escape(what)} with {len(args['caps'])} capabilities")
+        if "token" in out:
+            console.print(f"token (secret: whoever holds it acts as process {out['pid']}): {escape(out['token'])}",
+                          soft_wrap=True)
+
+
 def _process_options(fn: Any) -> Any:
-    """What a new root process gets (spawn, ckpt fork): capabilities, budget, first input, and how it runs."""
+    """Click options for a new root process, handed to FN as one `new: _NewProcess`."""
+
+    @functools.wraps(fn)
+    def command(*args: Any, **kw: Any) -> Any:
+        fields = {f: kw.pop(f) for f in _NewProcess.__dataclass_fields__}
+        return fn(*args, new=_NewProcess(**fields), **kw)
+
     for option in reversed([
         click.option("--cap", "caps", type=_Grant(), multiple=True, metavar="YAML",
                      help="A capability the process holds, as YAML or JSON: {kind, scope, rights, approval?, "
@@ -167,39 +209,14 @@ def _process_options(fn: Any) -> Any:
         state_option,
         json_option,
     ]):
-        fn = option(fn)
-    return fn
-
-
-def _start(state: str, sys_name: str, args: dict[str, Any], caps: tuple[dict[str, Any], ...],
-           caps_file: list[dict[str, Any]], budget: tuple[tuple[str, float], ...], input_text: str | None,
-           daemon: bool, external: bool, as_json: bool, what: str) -> None:
-    """op.spawn or op.ckpt.fork with the options of `_process_options`; prints the new pid (and token)."""
-    args = {**args, "caps": [*caps, *caps_file]}
-    if budget:
-        args["budget"] = dict(budget)
-    if input_text is not None:
-        args["input"] = input_text
-    if daemon:
-        args["daemon"] = True
-    if external:
-        args["external"] = True
-    out = _call(state, sys_name, args)
-    if as_json:
-        _echo_json(out)
-        return
-    console.print(f"spawned process {out['pid']} from {escape(what)} with {len(args['caps'])} capabilities")
-    if "token" in out:
-        console.print(f"token (secret: whoever holds it acts as process {out['pid']}): {escape(out['token'])}",
-                      soft_wrap=True)
+        command = option(command)
+    return command
 
 
 @click.command("spawn")
 @click.argument("image")
 @_process_options
-def spawn_cmd(image: str, caps: tuple[dict[str, Any], ...], caps_file: list[dict[str, Any]],
-              budget: tuple[tuple[str, float], ...], input_text: str | None, daemon: bool, external: bool, state: str,
-              as_json: bool) -> None:
+def spawn_cmd(image: str, new: _NewProcess) -> None:
     """Start a root process from registered IMAGE, holding exactly the capabilities given (and,
     like every process, `self` for its own memory and `model` for its model).
 
@@ -213,8 +230,7 @@ def spawn_cmd(image: str, caps: tuple[dict[str, Any], ...], caps_file: list[dict
 
     Exit status 0 spawned, 1 the kernel refused (its code is printed), 2 usage error.
     """
-    _start(state, "op.spawn", {"image": image}, caps, caps_file, budget, input_text, daemon, external, as_json,
-           f"image {image}")
+    new.start("op.spawn", {"image": image}, f"image {image}")
 
 
 @click.command("kill")
@@ -634,16 +650,13 @@ def ckpt_restore(pid: int, ckpt: str, state: str, as_json: bool) -> None:
 @ckpt_group.command("fork")
 @click.argument("ckpt")
 @_process_options
-def ckpt_fork(ckpt: str, caps: tuple[dict[str, Any], ...], caps_file: list[dict[str, Any]],
-              budget: tuple[tuple[str, float], ...], input_text: str | None, daemon: bool, external: bool, state: str,
-              as_json: bool) -> None:
+def ckpt_fork(ckpt: str, new: _NewProcess) -> None:
     """Start a new root process from checkpoint CKPT: its image, conversation, JIT tools, Skills
     and a copy of its memory, holding exactly the capabilities given here (never the checkpoint's).
 
     Exit status 0 spawned, 1 the kernel refused (its code is printed), 2 usage error.
     """
-    _start(state, "op.ckpt.fork", {"checkpoint": ckpt}, caps, caps_file, budget, input_text, daemon, external,
-           as_json, f"checkpoint {ckpt}")
+    new.start("op.ckpt.fork", {"checkpoint": ckpt}, f"checkpoint {ckpt}")
 
 
 COMMANDS = (spawn_cmd, kill_cmd, wait_cmd, caps_cmd, grant_cmd, revoke_cmd, budget_cmd, mem_group, ckpt_group)
