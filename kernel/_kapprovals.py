@@ -117,6 +117,11 @@ class ApprovalsMixin(ProcsMixin):
             self._finish(ap.conn, ap.rid, ap.pid, ap.sys, ap.decision_seq, None,
                          KernelError(code, f"{ap.cap.handle} was revoked or expired while awaiting approval"))
             return out
+        if ap.cap is not None and ap.cap.dropped:
+            # Nor can it use a cap the process no longer holds (a rollback dropped it).
+            self._finish(ap.conn, ap.rid, ap.pid, ap.sys, ap.decision_seq, None,
+                         KernelError("EPERM", f"{ap.cap.handle} was dropped while awaiting approval"))
+            return out
         self._carry_out(ap.conn, ap.rid, proc, spec, ap.outcome, ap.decision_seq)
         return out
 

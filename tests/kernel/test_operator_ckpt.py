@@ -5,6 +5,7 @@ since is gone, budget spent stays spent; a fork holds only what the operator gra
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -188,3 +189,23 @@ def test_a_process_starting_with_skills_sees_their_instructions(tmp_path: Path) 
             new = start()
             turn(rt, model, new, "go", [])
             assert model.requests[-1].system == "You keep notes.\n\nKeep notes tidy."
+
+
+def test_an_approval_cannot_use_a_cap_a_rollback_dropped(tmp_path: Path) -> None:
+    with session(tmp_path) as rt:
+        rt.register_image("x")
+        pid, token = rt.spawn_external("x")
+        mark = rt.checkpoint(pid)
+        rt.grant(pid, Grant("fs", {"root": "docs"}, ["write"], approval="always", name="gate"))
+        replies: list[Any] = []
+        with rt.client(token) as c, rt.events(Topic.approval()) as events:
+            asking = threading.Thread(target=lambda: replies.append(
+                c.request("fs.write", {"path": "docs/a.txt", "data": "x"}, cap="gate")))
+            asking.start()
+            aid = next_event(events, lambda b: b.get("event") == "asked" and b.get("pid") == pid)["id"]
+            rt.restore(pid, mark)  # `gate` was granted after the checkpoint: dropped
+            rt.operator.call("op.approve", {"id": aid})
+            asking.join(30)
+        (reply,) = replies
+        assert reply.error is not None and reply.error.code == "EPERM"
+        assert (tmp_path / "world" / "docs" / "a.txt").read_text() == "alpha"
