@@ -108,20 +108,16 @@ class ApprovalsMixin(ProcsMixin):
             self._finish(ap.conn, ap.rid, ap.pid, ap.sys, ap.decision_seq, {"answer": answer}, None)
             return {"id": aid, "decision": "approve"}
         out: dict[str, Any] = {"id": aid, "decision": "approve"}
+        assert ap.outcome is not None
+        # Revoked or expired while it waited, or dropped (a rollback): the approval cannot
+        # resurrect it, and nothing is remembered from it.
+        gone = None if ap.cap is None else ap.cap.status(self.clock()) or ("EPERM" if ap.cap.dropped else None)
+        if ap.cap is not None and gone is not None:
+            self._finish(ap.conn, ap.rid, ap.pid, ap.sys, ap.decision_seq, None,
+                         KernelError(gone, f"{ap.cap.handle} was revoked, expired or dropped while awaiting approval"))
+            return out
         if remember and ap.cap is not None:
             out["remembered"] = self._remember(proc, ap, seq)
-        assert ap.outcome is not None
-        if ap.cap is not None and ap.cap.status(self.clock()) is not None:
-            # Revoked or expired while it waited: the approval cannot resurrect it.
-            code = ap.cap.status(self.clock()) or "EREVOKED"
-            self._finish(ap.conn, ap.rid, ap.pid, ap.sys, ap.decision_seq, None,
-                         KernelError(code, f"{ap.cap.handle} was revoked or expired while awaiting approval"))
-            return out
-        if ap.cap is not None and ap.cap.dropped:
-            # Nor can it use a cap the process no longer holds (a rollback dropped it).
-            self._finish(ap.conn, ap.rid, ap.pid, ap.sys, ap.decision_seq, None,
-                         KernelError("EPERM", f"{ap.cap.handle} was dropped while awaiting approval"))
-            return out
         self._carry_out(ap.conn, ap.rid, proc, spec, ap.outcome, ap.decision_seq)
         return out
 
