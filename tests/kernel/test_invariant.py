@@ -292,6 +292,15 @@ class Model:
             stack.extend(c.children)
         return n
 
+    def restore(self, pid: int, table: dict[str, int]) -> None:
+        """Back to a checkpoint's handle table: handles got since are dropped; those it named come
+        back unless their record was dropped (revoked ones come back revoked)."""
+        for h in [h for h in self.tables[pid] if h not in table]:
+            self.drop(pid, h)
+        for h, mid in table.items():
+            if not self.caps[mid].dropped:
+                self.tables[pid][h] = mid
+
     def exited(self, pid: int) -> None:
         self.alive[pid] = False
         for h in list(self.tables[pid]):
@@ -422,6 +431,8 @@ class AuthorityMachine(RuleBasedStateMachine):
             self.rt.register_image(name, prompt=f"You are {name}.")
         self.images = set(IMAGES)
         self.model = Model()
+        # Operator checkpoints: id -> (pid, its handle table then).
+        self.checkpoints: dict[int, tuple[int, dict[str, int]]] = {}
         self.externals: list[int] = []
         self.children: list[int] = []
         for gs in grants:
@@ -619,6 +630,27 @@ class AuthorityMachine(RuleBasedStateMachine):
             assert cap is not None
             n = self.model.revoke(cap.mid)
             assert len(r.value["revoked"]) == n, f"kernel revoked {r.value['revoked']}, model {n}"
+
+    @rule(data=st.data())
+    def operator_checkpoint(self, data: st.DataObject) -> None:
+        pid = data.draw(st.sampled_from(self.pids()))
+        r = self.op("op.ckpt.create", {"pid": pid})
+        assert r.ok == self.model.alive[pid], r
+        if r.ok:
+            self.checkpoints[r.value["checkpoint"]] = (pid, dict(self.model.tables[pid]))
+
+    @rule(data=st.data())
+    def operator_restore(self, data: st.DataObject) -> None:
+        if not self.checkpoints:
+            return
+        cid = data.draw(st.sampled_from(sorted(self.checkpoints)))
+        owner, table = self.checkpoints[cid]
+        pid = data.draw(st.sampled_from([owner, owner, *self.pids()]))
+        r = self.op("op.ckpt.restore", {"pid": pid, "checkpoint": cid})
+        ok = self.model.alive[pid] and pid == owner
+        assert r.ok == ok, f"op.ckpt.restore of {cid} (pid {owner}) into {pid}: model expects ok={ok}, kernel {r}"
+        if r.ok:
+            self.model.restore(pid, table)
 
     @rule(data=st.data())
     def spawn(self, data: st.DataObject) -> None:
