@@ -209,3 +209,18 @@ def test_an_approval_cannot_use_a_cap_a_rollback_dropped(tmp_path: Path) -> None
         (reply,) = replies
         assert reply.error is not None and reply.error.code == "EPERM"
         assert (tmp_path / "world" / "docs" / "a.txt").read_text() == "alpha"
+
+
+def test_a_hibernated_process_wakes_rolled_back(tmp_path: Path) -> None:
+    model = Answering({})
+    with session(tmp_path, model, hibernate_after_s=0.05) as rt:
+        rt.register_image("d", prompt="You keep notes.", tools=["mem_put"])
+        pid = rt.spawn("d", daemon=True)
+        turn(rt, model, pid, "hello", [])
+        mark = rt.checkpoint(pid)
+        turn(rt, model, pid, "again", [])
+        assert rt.host.wait_hibernated(pid, 30)
+        rt.restore(pid, mark)
+        assert pid in rt.host.hibernated  # it stays asleep; it wakes with the checkpoint's conversation
+        turn(rt, model, pid, "third", [])
+        assert said(model.requests[-1]) == ["hello", "third"]
