@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from agentlibos.actors import ScriptedModel
-from agentlibos.bus import EventStream, Reply
+from agentlibos.bus import EventStream, KernelClient, Reply, Topic
 from agentlibos.kernel._models import CompletionRequest
 from agentlibos.runtime import Grant, Runtime
 
@@ -69,3 +69,22 @@ def next_event(events: EventStream, match: Callable[[dict[str, Any]], bool]) -> 
         assert ev is not None, "the event did not come"
         if match(ev[1]):
             return ev[1]
+
+
+class Asking:
+    """A request that waits for a human's approval, made from another thread: `id` is its
+    approval's, `reply()` waits for its answer."""
+
+    def __init__(self, rt: Runtime, client: KernelClient, pid: int, sys: str, args: dict[str, Any],
+                 cap: str | None = None) -> None:
+        self._replies: list[Reply] = []
+        with rt.events(Topic.approval()) as events:
+            self._thread = threading.Thread(target=lambda: self._replies.append(client.request(sys, args, cap=cap)),
+                                            daemon=True)
+            self._thread.start()
+            self.id = next_event(events, lambda b: b.get("event") == "asked" and b.get("pid") == pid)["id"]
+
+    def reply(self, timeout_s: float = 30) -> Reply:
+        self._thread.join(timeout_s)
+        assert self._replies, "the request got no reply"
+        return self._replies[0]

@@ -5,7 +5,6 @@ since is gone, budget spent stays spent; a fork holds only what the operator gra
 from __future__ import annotations
 
 import dataclasses
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from agentlibos.actors import ScriptedModel
 from agentlibos.bus import KernelError, Topic
 from agentlibos.kernel._replay import replay_log
 from agentlibos.runtime import Grant, Runtime
-from tests.hosted import DOCS, Observer, Recording, next_event, session
+from tests.hosted import DOCS, Asking, Observer, Recording, next_event, session
 
 READ_DOCS = {"tool": "fs_read", "args": {"path": "docs/a.txt"}, "cap": "docs"}
 
@@ -197,16 +196,11 @@ def test_an_approval_cannot_use_a_cap_a_rollback_dropped(tmp_path: Path) -> None
         pid, token = rt.spawn_external("x")
         mark = rt.checkpoint(pid)
         rt.grant(pid, Grant("fs", {"root": "docs"}, ["write"], approval="always", name="gate"))
-        replies: list[Any] = []
-        with rt.client(token) as c, rt.events(Topic.approval()) as events:
-            asking = threading.Thread(target=lambda: replies.append(
-                c.request("fs.write", {"path": "docs/a.txt", "data": "x"}, cap="gate")))
-            asking.start()
-            aid = next_event(events, lambda b: b.get("event") == "asked" and b.get("pid") == pid)["id"]
+        with rt.client(token) as c:
+            asking = Asking(rt, c, pid, "fs.write", {"path": "docs/a.txt", "data": "x"}, cap="gate")
             rt.restore(pid, mark)  # `gate` was granted after the checkpoint: dropped
-            rt.operator.call("op.approve", {"id": aid})
-            asking.join(30)
-        (reply,) = replies
+            rt.operator.call("op.approve", {"id": asking.id})
+            reply = asking.reply()
         assert reply.error is not None and reply.error.code == "EPERM"
         assert (tmp_path / "world" / "docs" / "a.txt").read_text() == "alpha"
 
