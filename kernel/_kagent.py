@@ -5,6 +5,7 @@ JIT tools and Skills (affordances: they change what the model sees, never author
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -20,13 +21,15 @@ from agentlibos.kernel._models import CompletionRequest, ModelBackend
 from agentlibos.kernel._table import NOT_YET, SYSCALLS, SyscallSpec, tool_name
 from agentlibos.storage import digest
 
+log = logging.getLogger("agentlibos.kernel")
+
 TOOL_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
-def read_skill_folder(folder: Path, name: str) -> tuple[dict[str, Any], str, list[dict[str, Any]]]:
-    """A Skill as installed: SKILL.md's front matter and body, and tools/*.ts (each with an
-    optional .json sidecar for its description and input schema). Unchecked; KernelError
-    ENOENT/EINVAL when it is missing or malformed."""
+def read_skill_text(folder: Path, name: str) -> tuple[dict[str, Any], str]:
+    """SKILL.md's front matter and body; KernelError ENOENT/EINVAL when missing or malformed."""
     try:
-        text = (folder / "SKILL.md").read_text()
+        text = (folder / "SKILL.md").read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise KernelError("EINVAL", f"Skill {name!r}: SKILL.md is not UTF-8") from None
     except OSError:
         raise KernelError("ENOENT", f"no Skill {name!r} is installed") from None
     meta: dict[str, Any] = {}
@@ -40,19 +43,30 @@ def read_skill_folder(folder: Path, name: str) -> tuple[dict[str, Any], str, lis
                 raise KernelError("EINVAL", f"Skill {name!r}: bad front matter: {exc}") from None
             meta = loaded if isinstance(loaded, dict) else {}
             body = rest.lstrip("\n")
+    return meta, body
+
+
+def read_skill_folder(folder: Path, name: str) -> tuple[dict[str, Any], str, list[dict[str, Any]]]:
+    """A Skill as installed: SKILL.md's front matter and body, and tools/*.ts (each with an
+    optional .json sidecar for its description and input schema). Unchecked; KernelError
+    ENOENT/EINVAL when it is missing or malformed."""
+    meta, body = read_skill_text(folder, name)
     tools = []
     tools_dir = folder / "tools"
     if tools_dir.is_dir():
         for ts in sorted(tools_dir.glob("*.ts")):
             info: dict[str, Any] = {}
             side = ts.with_suffix(".json")
-            if side.exists():
-                try:
-                    info = json.loads(side.read_text())
-                except ValueError as exc:
-                    raise KernelError("EINVAL", f"Skill {name!r}: {side.name}: {exc}") from None
+            try:
+                if side.exists():
+                    info = json.loads(side.read_text(encoding="utf-8"))
+                source = ts.read_text(encoding="utf-8")
+            except (OSError, ValueError) as exc:  # unreadable, not UTF-8, not JSON
+                raise KernelError("EINVAL", f"Skill {name!r}: tools/{ts.stem}: {exc}") from None
+            if not isinstance(info, dict):
+                raise KernelError("EINVAL", f"Skill {name!r}: {side.name} is not a JSON object")
             tools.append({"name": ts.stem, "description": info.get("description", ""),
-                          "input_schema": info.get("input_schema"), "source": ts.read_text()})
+                          "input_schema": info.get("input_schema"), "source": source})
     return meta, body, tools
 
 
@@ -209,6 +223,22 @@ class AgentMixin(CapsMixin):
                  for t in raw_tools]
         return {"name": str(meta.get("name", name)), "description": str(meta.get("description", "")),
                 "instructions": body.strip(), "tools": tools}
+
+    def _skill_instructions(self, names: list[str]) -> list[str]:
+        """The instructions (SKILL.md bodies) of the Skills a process starts with; one gone or
+        broken since is left out, with a warning."""
+        out = []
+        for name in names:
+            if not isinstance(name, str) or not SKILL_NAME.fullmatch(name):
+                continue
+            try:
+                text = read_skill_text(self._skills_dir() / name, name)[1].strip()
+            except KernelError as exc:
+                log.warning("kernel: Skill %r gives no instructions: %s", name, exc.message)
+                continue
+            if text:
+                out.append(text)
+        return out
 
     def _sys_skill(self, proc: Proc, spec: SyscallSpec, args: dict[str, Any], handle: str | None, now: float) -> Outcome:
         if spec.name == "skill.list":

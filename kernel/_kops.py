@@ -22,6 +22,13 @@ _PARKED = object()
 class OperatorMixin(ApprovalsMixin, CheckpointsMixin):
     """One `_op_*` method per operator request; `_operator` logs each and dispatches it."""
 
+    def _live_proc(self, pid: int) -> Proc:
+        """The live process an operator request names; ENOENT otherwise."""
+        proc = self.procs.get(pid)
+        if proc is None or proc.state not in LIVE:
+            raise KernelError("ENOENT", f"no live process {pid}")
+        return proc
+
     # --- operator requests ---------------------------------------------------------------------
     def _operator(self, conn: bytes, req: Request, spec: SyscallSpec, args: dict[str, Any]) -> None:
         seq = self._stage("op", {"sys": spec.name, "author": "operator"}, cause=req.cause, payload=args, has_payload=True)
@@ -140,12 +147,6 @@ class OperatorMixin(ApprovalsMixin, CheckpointsMixin):
         return {"killed": self._kill(proc)}
 
     # --- checkpoints ---------------------------------------------------------------------------
-    def _live_proc(self, pid: int) -> Proc:
-        proc = self.procs.get(pid)
-        if proc is None or proc.state not in LIVE:
-            raise KernelError("ENOENT", f"no live process {pid}")
-        return proc
-
     def _op_ckpt_create(self, conn: bytes, req: Request, args: dict[str, Any], seq: int) -> Any:
         proc = self._live_proc(args["pid"])
         return {"checkpoint": self._take_checkpoint(proc, args.get("label"), seq, author="operator")}

@@ -73,18 +73,6 @@ class ProcsMixin(CapsMixin):
             "daemon": proc.daemon, "jit_tools": proc.jit_tools, "origin": proc.origin,
         }))
 
-    def _skill_instructions(self, names: list[str]) -> list[str]:
-        out = []
-        for name in names:
-            try:
-                text = self._read_skill(name)["instructions"]
-            except KernelError as exc:  # gone or broken since: the process starts without it
-                log.warning("kernel: Skill %r gives no instructions: %s", name, exc.message)
-                continue
-            if text:
-                out.append(text)
-        return out
-
     def _command(self, cmd: Command) -> None:
         if self._host_conn is None:
             self._host_backlog.append(cmd)

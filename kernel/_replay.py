@@ -119,6 +119,9 @@ class _ReplayKernel(Kernel):
         self.effects_by_decision: dict[int, int] = {}
         self.oracle: tuple[dict[str, Any], Any] | None = None
 
+    def _skill_instructions(self, names: list[str]) -> list[str]:
+        return []  # they go with a start command, and a replaying kernel's commands go nowhere
+
     def _from_record(self, proc: Any, spec: Any) -> Any:
         from agentlibos.kernel._kernel import Outcome
 

@@ -177,10 +177,13 @@ def test_a_process_starting_with_skills_sees_their_instructions(tmp_path: Path) 
     """An image's Skills, and a checkpoint's, give a new process their instructions, as skill.load does."""
     (tmp_path / "state" / "skills" / "tidy").mkdir(parents=True)
     (tmp_path / "state" / "skills" / "tidy" / "SKILL.md").write_text("Keep notes tidy.\n")
+    (tmp_path / "state" / "skills" / "garbled").mkdir(parents=True)
+    (tmp_path / "state" / "skills" / "garbled" / "SKILL.md").write_bytes(b"\xff\xfe not UTF-8")
     model = Answering({})
     with session(tmp_path, model) as rt:
         rt.register_image("d", prompt="You keep notes.", tools=["skill_load"])
-        rt.register_image("skilled", prompt="You keep notes.", skills=["tidy", "missing"])
+        # A Skill gone or broken since is left out; the process still starts.
+        rt.register_image("skilled", prompt="You keep notes.", skills=["tidy", "missing", "garbled"])
         pid = rt.spawn("d", daemon=True)
         turn(rt, model, pid, "hello", [{"tool": "skill_load", "args": {"name": "tidy"}}])
         ck = rt.checkpoint(pid)
@@ -188,6 +191,9 @@ def test_a_process_starting_with_skills_sees_their_instructions(tmp_path: Path) 
             new = start()
             turn(rt, model, new, "go", [])
             assert model.requests[-1].system == "You keep notes.\n\nKeep notes tidy."
+        _, token = rt.spawn_external("d")
+        with rt.client(token) as c:
+            assert code_of(lambda: c.call("skill.load", {"name": "garbled"})) == "EINVAL"
 
 
 def test_an_approval_cannot_use_a_cap_a_rollback_dropped(tmp_path: Path) -> None:
