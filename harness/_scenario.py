@@ -203,7 +203,7 @@ def _jit_tool_names(data: dict[str, Any]) -> set[str]:
 
 
 #: What an operator step may do (SCENARIOS.md's revoke, grant and kill; checkpoint and restore are
-#: this project's, docs/scenarios.md).
+#: this project's, documented in the README's "How to write a scenario").
 OPERATOR_ACTIONS = ("revoke", "grant", "kill", "checkpoint", "restore")
 
 

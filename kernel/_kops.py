@@ -182,7 +182,8 @@ class OperatorMixin(ApprovalsMixin, CheckpointsMixin):
             raise KernelError("EPERM", f"checkpoint {ck['id']} is of pid {ck['pid']}: a process is restored only "
                                        f"to its own checkpoints (op.ckpt.fork starts a new one from it)")
         if proc.state == "needs_attention":
-            raise KernelError("EBUSY", f"process {proc.pid} has an effect of unknown outcome: resolve it first")
+            raise KernelError("ECONFLICT", f"process {proc.pid} has an effect of unknown outcome: resolve it first "
+                                           f"(agentlibos resolve)")
         restored = self._restore_checkpoint(proc, ck)
         self._stage("ckpt.restore", {"checkpoint": ck["id"], "pid": proc.pid, "author": "operator"}, pid=proc.pid,
                     cause=seq)
