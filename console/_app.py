@@ -273,14 +273,14 @@ class _Reader:
     def images(self) -> list[dict[str, Any]]:
         return self.rt.images()
 
-    def checkpoints(self) -> list[dict[str, Any]]:
+    def checkpoints(self, live: set[int]) -> list[dict[str, Any]]:
+        """The newest checkpoints in the log; `live` (pids) says which can be restored now."""
         log = self.log()
         if log is None:
             return []
         out: collections.deque[dict[str, Any]] = collections.deque(maxlen=200)
         for e in log.entries(1, kinds=["ckpt.create"]):
             out.append({"seq": e.seq, "ts": e.ts, "author": "process", **e.body})
-        live = {p["pid"] for p in self.rt.ps() if p.get("state") in LIVE_STATES}
         return [{**c, "live": c.get("pid") in live} for c in out]
 
     def verify(self, max_age_s: float = 5.0) -> dict[str, Any]:
@@ -384,8 +384,10 @@ class _Console:
         return HTMLResponse(self.env.get_template(name).render(**ctx), status_code=status_code)
 
     def index(self, request: Request) -> Response:
-        return self.render("index.html", procs=self.reader.processes(), approvals=self.reader.approvals(),
-                           images=self.reader.images(), checkpoints=self.reader.checkpoints(),
+        procs = self.reader.processes()
+        live = {p["pid"] for p in _walk(procs["roots"]) if p["live"]}
+        return self.render("index.html", procs=procs, approvals=self.reader.approvals(),
+                           images=self.reader.images(), checkpoints=self.reader.checkpoints(live),
                            verify=self.reader.verify(), notice=request.query_params.get("notice", ""),
                            error=request.query_params.get("error", ""))
 
